@@ -1,0 +1,211 @@
+"""The `autotune` command line.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the flag and the rule, nothing
+written), 1 any other failure. Heavy parts (torch, the trial runners) are imported only by the
+subcommands that need them, so `autotune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from autotune.config import SCHEDULES, TrialConfig, load_model, parse_bytes
+from autotune.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autotune: error: {message}\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="a preset (tiny-gpt, tiny-llama, gpt3-175b, ...) or a YAML file"
+    )
+    for name in (
+        "num-layers",
+        "hidden-size",
+        "num-heads",
+        "num-kv-heads",
+        "seq-len",
+        "vocab-size",
+        "ffn-hidden-size",
+    ):
+        p.add_argument(f"--{name}", type=int, default=None, help="override the model's shape")
+    for name in ("tp", "pp", "dp"):
+        p.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree (default 1)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--num-microbatches", type=int, default=0, help="default: pp")
+    batch.add_argument("--global-batch-size", type=int, default=0, help="= micro x num x dp")
+    p.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(SCHEDULES)}")
+    p.add_argument(
+        "--bpipe-cap",
+        type=int,
+        default=0,
+        help="BPipe's per-stage limit in micro-batches (default ceil((pp+1)/2))",
+    )
+    p.add_argument("--recompute", default="none", help="none, selective or full")
+    p.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--memory-limit", default=None, help="per-device cap, e.g. 2GiB")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def config_from_args(args: argparse.Namespace) -> TrialConfig:
+    """A validated TrialConfig from the common flags (raises ConfigError)."""
+    shape = {
+        k: getattr(args, k)
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "seq_len",
+            "vocab_size",
+            "ffn_hidden_size",
+        )
+    }
+    model = load_model(args.model, **shape)
+    device = args.device or _default_device()
+    return TrialConfig(
+        model=model,
+        tp=args.tp,
+        pp=args.pp,
+        dp=args.dp,
+        micro_batch_size=args.micro_batch_size,
+        num_microbatches=args.num_microbatches,
+        global_batch_size=args.global_batch_size,
+        schedule=args.schedule,
+        recompute=args.recompute,
+        flash_attention=args.flash_attention,
+        device=device,
+        memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
+        bpipe_cap=args.bpipe_cap,
+    )
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_trial(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.steps < 1:
+        raise ConfigError("--steps", f"must be a positive integer, got {args.steps}")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout", f"must be positive seconds, got {args.timeout}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", "cuda was asked for but no GPU is visible")
+        if cfg.world_size > torch.cuda.device_count():
+            raise ConfigError(
+                "--tp",
+                f"tp x pp x dp = {cfg.world_size} ranks but only "
+                f"{torch.cuda.device_count()} GPUs are visible",
+            )
+    from trial_runners.trial import run_trial
+
+    result = run_trial(cfg, steps=args.steps, seed=args.seed, timeout=args.timeout, data_path=args.data)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_trial(result))
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from autotune.schedules import generate, grid, to_text, validate
+
+    if args.schedule not in SCHEDULES:
+        raise ConfigError("--schedule", f"must be one of {', '.join(SCHEDULES)}, got {args.schedule!r}")
+    for name in ("pp", "num_microbatches"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", "must be a positive integer")
+    if args.schedule != "gpipe" and args.num_microbatches < args.pp:
+        raise ConfigError(
+            "--num-microbatches",
+            f"{args.schedule} needs at least as many micro-batches as "
+            f"stages ({args.num_microbatches} < --pp {args.pp})",
+        )
+    schedule = generate(args.schedule, args.pp, args.num_microbatches, cap=args.bpipe_cap or None)
+    peaks = validate(schedule)
+    print(to_text(schedule) if args.text else grid(schedule.programs))
+    if not args.text:
+        print("peak resident micro-batches per stage: " + ", ".join(f"{s}: {n}" for s, n in peaks.items()))
+    return 0
+
+
+def format_trial(result: dict[str, Any]) -> str:
+    """A short human-readable report of a trial result."""
+    cfg = result["config"]
+    head = (
+        f"{cfg['model']}  tp={cfg['tp']} pp={cfg['pp']} dp={cfg['dp']} mbs={cfg['micro_batch_size']} "
+        f"m={cfg['num_microbatches']} {cfg['schedule']} recompute={cfg['recompute']} "
+        f"flash={'on' if cfg['flash_attention'] else 'off'}"
+    )
+    lines = [head, f"status: {result['status']}" + (f" ({result['error']})" if result["error"] else "")]
+    if result["status"] == "ok":
+        lines.append(
+            f"step time {result['step_time_s'] * 1e3:.1f} ms, {result['tokens_per_s']:.0f} tokens/s, "
+            f"{result['achieved_tflops'] * 1e3:.2f} GFLOP/s, final loss {result['losses'][-1]:.4f}"
+        )
+        lines.append(f"{'stage':>5} {'peak activations':>18} {'peak memory':>14} {'evicted/step':>14}")
+        for st in result["stages"]:
+            lines.append(
+                f"{st['stage']:>5} {st['peak_activation_bytes']:>18,} {st['peak_memory_bytes']:>14,} "
+                f"{st['evicted_bytes']:>14,}"
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="autotune",
+        description="Find the fastest parallel configuration for training a "
+        "transformer, and learn when BPipe pays off.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    trial = sub.add_parser("trial", help="one short real training run, printed as a result")
+    _add_config_flags(trial)
+    trial.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up (default 3)")
+    trial.add_argument("--seed", type=int, default=0)
+    trial.add_argument("--timeout", type=float, default=600.0, help="seconds before the trial is killed")
+    trial.add_argument("--data", default=None, help="a uint16 token file (nanoGPT style); default synthetic")
+    trial.set_defaults(func=_cmd_trial)
+    sched = sub.add_parser("schedule", help="print a schedule's per-stage programs as a grid")
+    sched.add_argument("--schedule", default="1f1b")
+    sched.add_argument("--pp", type=int, default=4)
+    sched.add_argument("--num-microbatches", type=int, default=8)
+    sched.add_argument("--bpipe-cap", type=int, default=0)
+    sched.add_argument(
+        "--text", action="store_true", help="the round-trippable text form instead of the grid"
+    )
+    sched.set_defaults(func=_cmd_schedule)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"autotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Validated value objects for a model and a parallel training configuration (torch-free).
+
+`ModelSpec` is a transformer's shape; `TrialConfig` is one point of the search space: the model,
+the parallel layout (tp x pp x dp), the micro-batching, the schedule and the memory knobs. Both
+check themselves on construction and raise `ConfigError` naming the field and the rule, with the
+arithmetic shown, so the CLI, the search-space loader and the tuner share one set of rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autotune.errors import ConfigError
+
+FAMILIES = ("gpt", "llama")
+SCHEDULES = ("1f1b", "gpipe", "bpipe")
+RECOMPUTE = ("none", "selective", "full")
+DEVICES = ("cpu", "cuda")
+
+# YAML key -> CLI flag, used to name fields in errors the way the user typed them.
+_MODEL_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "seq_len",
+    "vocab_size",
+    "ffn_hidden_size",
+)
+
+
+def flag(name: str) -> str:
+    """The CLI flag for a config field name (`micro_batch_size` -> `--micro-batch-size`)."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer's shape.
+
+    `family` picks the block: "gpt" (learned positions, LayerNorm, GeLU MLP, multi-head
+    attention) or "llama" (RoPE, RMSNorm, SwiGLU MLP, grouped-query attention with
+    `num_kv_heads` key/value heads).
+    """
+
+    name: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    seq_len: int
+    vocab_size: int
+    ffn_hidden_size: int
+    num_kv_heads: int = 0  # 0 means "same as num_heads"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError("family", f"must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.num_kv_heads == 0:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for name in _MODEL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                "--num-heads",
+                f"must divide --hidden-size ({self.hidden_size} % {self.num_heads} = "
+                f"{self.hidden_size % self.num_heads})",
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                "--num-kv-heads",
+                f"must divide --num-heads ({self.num_heads} % {self.num_kv_heads} = "
+                f"{self.num_heads % self.num_kv_heads})",
+            )
+        if self.family == "gpt" and self.num_kv_heads != self.num_heads:
+            raise ConfigError(
+                "--num-kv-heads", "the gpt family uses multi-head attention: must equal --num-heads"
+            )
+        if self.family == "llama" and self.head_dim % 2:
+            raise ConfigError("--hidden-size", f"RoPE needs an even head size, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count (untied embedding and head; biases for gpt, none for llama)."""
+        h, f, v, s = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.seq_len
+        kv = self.num_kv_heads * self.head_dim
+        if self.family == "gpt":
+            attn = h * (h + 2 * kv) + (h + 2 * kv) + h * h + h
+            mlp = 2 * h * f + f + h
+            norms = 4 * h
+            per_layer = attn + mlp + norms
+            return v * h + s * h + self.num_layers * per_layer + 2 * h + h * v
+        attn = h * (h + 2 * kv) + h * h
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        return v * h + self.num_layers * per_layer + h + h * v
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("search_spaces").joinpath("models")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(where, f"is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(where, "must be a YAML mapping of model fields")
+    return data
+
+
+def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
+    """A model from a preset name or a YAML file, with shape overrides (None = keep)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError("--model", f"no such file {name_or_path!r}")
+        data = _read_yaml(path.read_text(), "--model")
+        name = data.pop("name", path.stem)
+    else:
+        if name_or_path not in preset_names():
+            raise ConfigError(
+                "--model", f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}"
+            )
+        text = resources.files("search_spaces").joinpath("models", f"{name_or_path}.yaml").read_text()
+        data = _read_yaml(text, "--model")
+        name = name_or_path
+    allowed = {"family", *_MODEL_FIELDS}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(
+            "--model", f"unknown key {unknown[0]!r} in model YAML; allowed: {', '.join(sorted(allowed))}"
+        )
+    if "family" not in data:
+        raise ConfigError("--model", "model YAML must name its family (gpt or llama)")
+    for key, value in overrides.items():
+        if key not in _MODEL_FIELDS:
+            raise ConfigError(flag(key), "is not a model shape field")
+        if value is not None:
+            data[key] = value
+    if "num_heads" in overrides and overrides["num_heads"] is not None and "num_kv_heads" not in data:
+        data["num_kv_heads"] = 0
+    missing = [k for k in _MODEL_FIELDS if k not in data and k != "num_kv_heads"]
+    if missing:
+        raise ConfigError("--model", f"model YAML lacks {missing[0]!r}")
+    return ModelSpec(name=str(name), **data)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+def parse_bytes(text: str | int, field_name: str = "--memory-limit") -> int:
+    """Parse `2GiB`, `512MiB`, `1.5GB` or a plain byte count."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.match(text)
+        if not match:
+            raise ConfigError(field_name, f"expected a size such as 2GiB or 500000000, got {text!r}")
+        unit = (match.group(2) or "").lower().rstrip("b")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(field_name, f"must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One parallel training configuration, validated and normalised.
+
+    Give `num_microbatches` or `global_batch_size` (global = micro * num * dp); with neither,
+    num = pp. `bpipe_cap` is BPipe's per-stage limit in micro-batches (default ceil((pp+1)/2)).
+    """
+
+    model: ModelSpec
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    num_microbatches: int = 0
+    global_batch_size: int = 0
+    schedule: str = "1f1b"
+    recompute: str = "none"
+    flash_attention: bool = True
+    device: str = "cpu"
+    memory_limit: int | None = None
+    bpipe_cap: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+        for name in ("num_microbatches", "global_batch_size", "bpipe_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+        self._check_choice("schedule", SCHEDULES)
+        self._check_choice("recompute", RECOMPUTE)
+        self._check_choice("device", DEVICES)
+        self._normalise_batch()
+        self._check_layout()
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {value!r}")
+
+    def _normalise_batch(self) -> None:
+        per_micro = self.micro_batch_size * self.dp
+        num, glob = self.num_microbatches, self.global_batch_size
+        if num and glob and num * per_micro != glob:
+            raise ConfigError(
+                "--global-batch-size",
+                f"must equal --micro-batch-size x --num-microbatches x --dp "
+                f"({self.micro_batch_size} x {num} x {self.dp} = {num * per_micro}), got {glob}",
+            )
+        if glob and not num:
+            if glob % per_micro:
+                raise ConfigError(
+                    "--global-batch-size",
+                    f"must be a multiple of --micro-batch-size x --dp ({self.micro_batch_size} x "
+                    f"{self.dp} = {per_micro}), got {glob}",
+                )
+            num = glob // per_micro
+        num = num or self.pp
+        object.__setattr__(self, "num_microbatches", num)
+        object.__setattr__(self, "global_batch_size", num * per_micro)
+
+    def _check_layout(self) -> None:
+        m, p = self.model, self.pp
+        if m.num_layers % p:
+            raise ConfigError(
+                "--pp",
+                f"must divide --num-layers: {m.num_layers} layers cannot be split into {p} equal "
+                f"stages ({m.num_layers} % {p} = {m.num_layers % p})",
+            )
+        if m.num_heads % self.tp or m.num_kv_heads % self.tp:
+            heads = m.num_heads if m.num_heads % self.tp else m.num_kv_heads
+            what = "--num-heads" if m.num_heads % self.tp else "--num-kv-heads"
+            raise ConfigError(
+                "--tp",
+                f"must divide {what}: {heads} heads cannot be split over {self.tp} ranks "
+                f"({heads} % {self.tp} = {heads % self.tp})",
+            )
+        if m.ffn_hidden_size % self.tp:
+            raise ConfigError(
+                "--tp",
+                f"must divide --ffn-hidden-size ({m.ffn_hidden_size} % {self.tp} = "
+                f"{m.ffn_hidden_size % self.tp})",
+            )
+        if self.schedule in ("1f1b", "bpipe") and self.num_microbatches < p:
+            raise ConfigError(
+                "--num-microbatches",
+                f"{self.schedule} needs at least as many micro-batches as stages "
+                f"({self.num_microbatches} < --pp {p})",
+            )
+        if self.bpipe_cap and self.bpipe_cap < 2 and p > 1:
+            raise ConfigError("--bpipe-cap", f"must be at least 2 micro-batches, got {self.bpipe_cap}")
+        if self.schedule == "bpipe" and not self.bpipe_cap:
+            object.__setattr__(self, "bpipe_cap", math.ceil((p + 1) / 2))
+        if self.schedule != "bpipe":
+            object.__setattr__(self, "bpipe_cap", 0)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.model.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised config as contracts.md's `config` JSON field."""
+        out: dict[str, Any] = {"model": self.model.name, "family": self.model.family}
+        out.update({k: getattr(self.model, k) for k in _MODEL_FIELDS})
+        for f in dataclasses.fields(self):
+            if f.name not in ("model", "extra"):
+                out[f.name] = getattr(self, f.name)
+        out["world_size"] = self.world_size
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
+        """Inverse of `to_dict` (a model given by its fields, not looked up again)."""
+        data = dict(data)
+        model = ModelSpec(
+            name=data.pop("model"),
+            family=data.pop("family"),
+            **{k: data.pop(k) for k in _MODEL_FIELDS},
+        )
+        data.pop("world_size", None)
+        return cls(model=model, **data)

@@ -1,0 +1,283 @@
+"""Schedule generators: pure functions of integers that return per-stage programs.
+
+`generate(name, p, m, cap=None)` is the one entry point. Each generator first writes the
+compute order (F/B) of every stage, BPipe then plans evictions and loads on its evictor stages
+and places the acceptor's stash/return actions, and `insert_communication` adds the
+point-to-point sends and receives. Adding a schedule means adding one compute-order function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner
+
+
+def gpipe_order(p: int, m: int, stage: int) -> Program:
+    """All forwards, then all backwards (in forward order, as GPipe's flush does)."""
+    return [F(k) for k in range(m)] + [B(k) for k in range(m)]
+
+
+def one_f_one_b_order(p: int, m: int, stage: int) -> Program:
+    """PipeDream-flush / Megatron 1F1B: p-s-1 warm-up forwards, then one F one B, then drain."""
+    warmup = min(p - stage - 1, m)
+    order: Program = [F(k) for k in range(warmup)]
+    for k in range(m - warmup):
+        order += [F(warmup + k), B(k)]
+    order += [B(k) for k in range(m - warmup, m)]
+    return order
+
+
+def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> list[list[float]]:
+    """End time of every compute action with unit costs and free communication.
+
+    A forward waits for the previous stage's forward of the same micro-batch, a backward for
+    the next stage's backward. Used to line up actions across stages (BPipe's acceptor side).
+    """
+    p = len(orders)
+    ends: list[list[float | None]] = [[None] * len(o) for o in orders]
+    done: dict[tuple[int, Kind, int], float] = {}
+    cursor = [0] * p
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            while cursor[s] < len(orders[s]):
+                action = orders[s][cursor[s]]
+                dep = (s - 1, Kind.F, action.mb) if action.kind is Kind.F else (s + 1, Kind.B, action.mb)
+                if 0 <= dep[0] < p and dep not in done:
+                    break
+                start = max(done.get(dep, 0.0), ends[s][cursor[s] - 1] or 0.0 if cursor[s] else 0.0)
+                end = start + (fwd if action.kind is Kind.F else bwd)
+                ends[s][cursor[s]] = end
+                done[(s, action.kind, action.mb)] = end
+                cursor[s] += 1
+                progressed = True
+    if any(c < len(o) for c, o in zip(cursor, orders, strict=True)):
+        raise ValueError("compute orders deadlock: a stage waits for a micro-batch never produced")
+    return [[e for e in row if e is not None] for row in ends]
+
+
+def plan_evictions(order: Program, cap: int, *, hoist: bool = True) -> Program:
+    """Insert EV/LD into one evictor stage's compute order so it never holds more than `cap`.
+
+    Greedy over the compute order with Belady's rule: when a forward (or a load) needs a slot,
+    evict the resident micro-batch whose backward is furthest away. With `hoist`, the eviction
+    is issued one compute action early so its transfer overlaps that compute; without, it is
+    issued just before the action that needs the slot (the fallback when the acceptor has no
+    room to take it early).
+    After each backward, the next backward's micro-batch is loaded back as soon as a slot is
+    free, so the load overlaps at least one compute action when memory allows.
+    Counting follows the IR: an eviction frees its slot at the next allocating action.
+    """
+    b_pos = {a.mb: i for i, a in enumerate(order) if a.kind is Kind.B}
+    next_b = [a.mb for a in order if a.kind is Kind.B]
+    out: Program = []
+    resident: set[int] = set()
+    away: set[int] = set()
+    last_touch: dict[int, int] = {}
+
+    def evict_one(exclude: int) -> None:
+        candidates = [mb for mb in resident if mb != exclude]
+        if not candidates:
+            raise ValueError(f"cap {cap} leaves no room to run micro-batch {exclude}")
+        victim = max(candidates, key=lambda mb: b_pos[mb])
+        where = len(out)
+        if hoist:
+            prev_compute = max((i for i, a in enumerate(out) if a.kind.is_compute), default=0)
+            where = max(last_touch[victim] + 1, prev_compute)
+        out.insert(where, Action(Kind.EVICT, victim))
+        for mb, idx in last_touch.items():
+            if idx >= where:
+                last_touch[mb] = idx + 1
+        resident.discard(victim)
+        away.add(victim)
+
+    def load(mb: int) -> None:
+        while len(resident) + 1 > cap:
+            evict_one(exclude=mb)
+        out.append(Action(Kind.LOAD, mb))
+        last_touch[mb] = len(out) - 1
+        resident.add(mb)
+        away.discard(mb)
+
+    for action in order:
+        if action.kind is Kind.F:
+            while len(resident) + 1 > cap:
+                evict_one(exclude=action.mb)
+            out.append(action)
+            last_touch[action.mb] = len(out) - 1
+            resident.add(action.mb)
+            continue
+        if action.mb in away:
+            load(action.mb)
+        out.append(action)
+        resident.discard(action.mb)
+        next_b.pop(0)
+        if next_b and next_b[0] in away and len(resident) + 1 <= cap:
+            load(next_b[0])
+    return out
+
+
+def place_acceptor_actions(
+    evictor: Program, acceptor: Program, evictor_ends: list[float], acceptor_ends: list[float]
+) -> Program:
+    """Put ST/RS on the acceptor at the last gap that is no later than the evictor's EV/LD.
+
+    Gaps are the points between the acceptor's compute actions; `*_ends` are unit-time end
+    times of each compute action (see `unit_timeline`).
+    """
+    compute_ends: list[float] = []
+    t = 0.0
+    idx = 0
+    events: list[tuple[float, Action]] = []
+    for action in evictor:
+        if action.kind.is_compute:
+            t = evictor_ends[idx]
+            idx += 1
+            continue
+        kind = Kind.STASH if action.kind is Kind.EVICT else Kind.RESTORE
+        events.append((t, Action(kind, action.mb)))
+    compute_ends = acceptor_ends
+    gap_times = [0.0, *compute_ends]  # gap i is before acceptor compute action i
+    inserts: dict[int, list[Action]] = {}
+    for time, act in events:
+        gap = max(i for i, g in enumerate(gap_times) if g <= time) if time > 0 else 0
+        inserts.setdefault(gap, []).append(act)
+    out: Program = []
+    for i, action in enumerate(acceptor):
+        out += inserts.pop(i, [])
+        out.append(action)
+    out += inserts.pop(len(acceptor), [])
+    return _order_stash_before_restore(out)
+
+
+def _order_stash_before_restore(program: Program) -> Program:
+    """An RS placed at the same gap as its own ST must come after it (keeps list order stable)."""
+    fixed: Program = []
+    for action in program:
+        if action.kind is Kind.STASH:
+            rs = Action(Kind.RESTORE, action.mb)
+            if rs in fixed:
+                fixed.insert(fixed.index(rs), action)
+                continue
+        fixed.append(action)
+    return fixed
+
+
+def insert_communication(programs: list[Program]) -> list[Program]:
+    """Add point-to-point sends and receives around each stage's compute.
+
+    Sends follow the compute that produced their data. A receive is posted one compute action
+    ahead of the compute that needs it (before the preceding F/B), so transfer and compute
+    overlap; the executor waits on it just before use.
+    """
+    p = len(programs)
+    out: list[Program] = []
+    for s, program in enumerate(programs):
+        compute_idx = [i for i, a in enumerate(program) if a.kind.is_compute]
+        recv_before: dict[int, list[Action]] = {}
+        for n, i in enumerate(compute_idx):
+            action = program[i]
+            needs_recv = (action.kind is Kind.F and s > 0) or (action.kind is Kind.B and s < p - 1)
+            if not needs_recv:
+                continue
+            kind = Kind.RECV_F if action.kind is Kind.F else Kind.RECV_B
+            where = compute_idx[n - 1] if n > 0 else 0
+            # Post before any EV/LD/ST/RS that directly precede that compute action too.
+            while where > 0 and not program[where - 1].kind.is_compute:
+                where -= 1
+            recv_before.setdefault(where, []).append(Action(kind, action.mb))
+        result: Program = []
+        for i, action in enumerate(program):
+            result += recv_before.get(i, [])
+            result.append(action)
+            if action.kind is Kind.F and s < p - 1:
+                result.append(Action(Kind.SEND_F, action.mb))
+            elif action.kind is Kind.B and s > 0:
+                result.append(Action(Kind.SEND_B, action.mb))
+        out.append(result)
+    return out
+
+
+ORDERS: dict[str, Callable[[int, int, int], Program]] = {
+    "gpipe": gpipe_order,
+    "1f1b": one_f_one_b_order,
+    "bpipe": one_f_one_b_order,
+}
+
+
+def default_cap(num_stages: int) -> int:
+    """BPipe's balance point: a pair holds p+1 micro-batches under 1F1B, so each holds half."""
+    return math.ceil((num_stages + 1) / 2)
+
+
+def generate(name: str, num_stages: int, num_microbatches: int, *, cap: int | None = None) -> Schedule:
+    """The per-stage programs of schedule `name` for p stages and m micro-batches.
+
+    Raises ValueError for an unknown schedule or impossible sizes (the CLI validates earlier
+    and names the flag; this guards direct callers).
+    """
+    p, m = num_stages, num_microbatches
+    if name not in ORDERS:
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(ORDERS)}")
+    if p < 1 or m < 1:
+        raise ValueError(f"need at least one stage and one micro-batch, got p={p}, m={m}")
+    if name in ("1f1b", "bpipe") and m < p:
+        raise ValueError(f"{name} needs at least as many micro-batches as stages (m={m} < p={p})")
+    orders = [ORDERS[name](p, m, s) for s in range(p)]
+    partner: list[int | None] = [None] * p
+    if name == "bpipe":
+        cap = cap or default_cap(p)
+        orders, partner = _bpipe(orders, cap)
+    elif cap is None:
+        cap = None
+    programs = insert_communication(orders)
+    return Schedule(
+        name=name,
+        num_stages=p,
+        num_microbatches=m,
+        programs=tuple(tuple(prog) for prog in programs),
+        partner=tuple(partner),
+        cap=cap,
+    )
+
+
+def _bpipe(orders: list[Program], cap: int) -> tuple[list[Program], list[int | None]]:
+    p = len(orders)
+    ends = unit_timeline(orders)
+    partner = [bpipe_partner(s, p) for s in range(p)]
+    result = list(orders)
+    for x in range(p):
+        acceptor = partner[x]
+        if acceptor is None or x > acceptor:
+            continue
+        for hoist in (True, False):
+            planned = plan_evictions(orders[x], cap, hoist=hoist)
+            if not any(a.kind is Kind.EVICT for a in planned):
+                break
+            pair = place_acceptor_actions(planned, orders[acceptor], ends[x], ends[acceptor])
+            if hoist and _pair_over_cap(planned, pair, cap):
+                continue
+            result[x], result[acceptor] = planned, pair
+            break
+    return result, partner
+
+
+def _pair_over_cap(evictor: Program, acceptor: Program, cap: int) -> bool:
+    """Whether either side of a pair ever holds more than `cap` under the IR's counting."""
+    for program in (evictor, acceptor):
+        resident, pending = 0, 0
+        for action in program:
+            if action.kind.allocates:
+                resident, pending = resident - pending, 0
+            if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
+                resident += 1
+            elif action.kind is Kind.B:
+                resident -= 1
+            elif action.kind in (Kind.EVICT, Kind.RESTORE):
+                pending += 1
+            if resident > cap:
+                return True
+    return False

@@ -1,0 +1,115 @@
+"""The schedule IR: an action is data, a schedule is one ordered program of actions per stage.
+
+Every schedule (GPipe, 1F1B, BPipe, ...) is written as per-stage programs of these actions; the
+executor runs them on torch.distributed, the validator checks them, renderers draw them. Pure
+Python: no torch, no ray.
+
+Actions and their text tokens (k is the micro-batch index):
+
+    F3   forward of micro-batch 3            B3   backward of micro-batch 3
+    SF3  send its activation to stage s+1    RF3  receive the activation from stage s-1
+    SB3  send its input gradient to s-1      RB3  receive the output gradient from s+1
+    EV3  evict micro-batch 3's saved activations to the paired stage (BPipe evictor)
+    LD3  load them back from the paired stage before B3 (evictor)
+    ST3  stash the partner's micro-batch 3 (acceptor receives it)
+    RS3  return the stash to the partner (acceptor sends it back)
+
+Sends and receives are asynchronous: a receive is posted where it stands and waited on just
+before the action that needs its data; outgoing bulk transfers (EV, RS) release their memory
+when they are waited on, just before the stage's next allocating action (F, LD or ST).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    F = "F"
+    B = "B"
+    SEND_F = "SF"
+    RECV_F = "RF"
+    SEND_B = "SB"
+    RECV_B = "RB"
+    EVICT = "EV"
+    LOAD = "LD"
+    STASH = "ST"
+    RESTORE = "RS"
+
+    @property
+    def is_compute(self) -> bool:
+        return self in (Kind.F, Kind.B)
+
+    @property
+    def allocates(self) -> bool:
+        """Actions before which outgoing bulk transfers (EV, RS) are waited on and freed."""
+        return self in (Kind.F, Kind.LOAD, Kind.STASH)
+
+
+_BY_TOKEN = {k.value: k for k in Kind}
+_TOKEN = re.compile(r"^(SF|RF|SB|RB|EV|LD|ST|RS|F|B)(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One step of a stage's program: `kind` applied to micro-batch `mb`."""
+
+    kind: Kind
+    mb: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}{self.mb}"
+
+    @classmethod
+    def parse(cls, token: str) -> Action:
+        match = _TOKEN.match(token.strip())
+        if not match:
+            raise ValueError(f"not an action token: {token!r} (expected e.g. F3, B3, SF3, EV3)")
+        return cls(_BY_TOKEN[match.group(1)], int(match.group(2)))
+
+
+def F(mb: int) -> Action:  # noqa: N802 - the IR's own vocabulary
+    return Action(Kind.F, mb)
+
+
+def B(mb: int) -> Action:  # noqa: N802
+    return Action(Kind.B, mb)
+
+
+Program = list[Action]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-stage programs plus what a reader needs to interpret them.
+
+    `partner[s]` is the stage that stage s exchanges evicted activations with (BPipe), or None.
+    `cap` is the per-stage limit on resident micro-batches (own activations + stashed ones),
+    or None where the schedule promises no limit.
+    """
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+    programs: tuple[tuple[Action, ...], ...]
+    partner: tuple[int | None, ...]
+    cap: int | None = None
+
+    def program(self, stage: int) -> tuple[Action, ...]:
+        return self.programs[stage]
+
+    def evicted(self, stage: int) -> list[int]:
+        """Micro-batches that `stage` evicts at least once, in order of first eviction."""
+        seen: dict[int, None] = {}
+        for action in self.programs[stage]:
+            if action.kind is Kind.EVICT:
+                seen.setdefault(action.mb, None)
+        return list(seen)
+
+
+def bpipe_partner(stage: int, num_stages: int) -> int | None:
+    """BPipe pairs evictor stage x with acceptor stage p-1-x (the middle of an odd p has none)."""
+    other = num_stages - 1 - stage
+    return None if other == stage else other

@@ -1,0 +1,207 @@
+"""The validator: checks any set of per-stage programs before it runs anywhere.
+
+It checks structure (every micro-batch forward once and backward once, forward first; every
+send matched by a receive on the right peer, every eviction by a stash, every load by a
+return), then replays the programs under the executor's blocking rules to find deadlocks and
+count resident micro-batches per stage against the cap. Errors carry the grid with the failing
+step marked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from autotune.schedules.ir import Action, Kind, Schedule
+from autotune.schedules.render import grid
+
+# kind on this stage -> (kind on the peer, peer offset or "partner")
+_PAIRS: dict[Kind, tuple[Kind, int | str]] = {
+    Kind.SEND_F: (Kind.RECV_F, +1),
+    Kind.RECV_F: (Kind.SEND_F, -1),
+    Kind.SEND_B: (Kind.RECV_B, -1),
+    Kind.RECV_B: (Kind.SEND_B, +1),
+    Kind.EVICT: (Kind.STASH, "partner"),
+    Kind.STASH: (Kind.EVICT, "partner"),
+    Kind.LOAD: (Kind.RESTORE, "partner"),
+    Kind.RESTORE: (Kind.LOAD, "partner"),
+}
+
+
+# Actions that happen once per micro-batch (evictions and loads may repeat).
+_ONCE = (Kind.F, Kind.B, Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B)
+
+
+class ScheduleError(ValueError):
+    """A program set that cannot run: the message names the rule, the grid shows where."""
+
+    def __init__(self, message: str, schedule: Schedule, stage: int, step: int) -> None:
+        self.message = message
+        self.stage = stage
+        self.step = step
+        self.grid = grid(schedule.programs, mark=(stage, step), window=8)
+        super().__init__(f"{message}\n{self.grid}")
+
+
+def validate(schedule: Schedule) -> dict[int, int]:
+    """Raise ScheduleError if `schedule` is broken; return each stage's peak resident count."""
+    for stage in range(schedule.num_stages):
+        _check_structure(schedule, stage)
+    return _replay(schedule)
+
+
+def _peer(schedule: Schedule, stage: int, how: int | str) -> int | None:
+    if how == "partner":
+        return schedule.partner[stage]
+    peer = stage + int(how)
+    return peer if 0 <= peer < schedule.num_stages else None
+
+
+def _check_structure(schedule: Schedule, stage: int) -> None:
+    program = schedule.program(stage)
+    m = schedule.num_microbatches
+    seen: set[Action] = set()
+    away: set[int] = set()
+    for step, action in enumerate(program):
+
+        def fail(rule: str, step: int = step, action: Action = action) -> ScheduleError:
+            return ScheduleError(f"stage {stage}, step {step} ({action}): {rule}", schedule, stage, step)
+
+        k = action.mb
+        if not 0 <= k < m:
+            raise fail(f"micro-batch {k} is out of range 0..{m - 1}")
+        if action in seen and action.kind in _ONCE:
+            raise fail(f"{action} appears twice")
+        needs_before = {
+            Kind.B: (Kind.F, "a backward before its forward"),
+            Kind.SEND_F: (Kind.F, "sends an activation before computing it"),
+            Kind.SEND_B: (Kind.B, "sends a gradient before computing it"),
+            Kind.EVICT: (Kind.F, "evicts activations before they exist"),
+            Kind.LOAD: (Kind.EVICT, "loads activations that were never evicted"),
+            Kind.RESTORE: (Kind.STASH, "returns a stash it never received"),
+        }
+        if action.kind in needs_before:
+            kind, rule = needs_before[action.kind]
+            if Action(kind, k) not in seen:
+                raise fail(rule)
+        if action.kind is Kind.F and stage > 0 and Action(Kind.RECV_F, k) not in seen:
+            raise fail(f"forward without a posted receive RF{k} for its input")
+        if action.kind is Kind.B and stage < schedule.num_stages - 1 and Action(Kind.RECV_B, k) not in seen:
+            raise fail(f"backward without a posted receive RB{k} for its output gradient")
+        if action.kind is Kind.B and k in away:
+            raise fail(f"backward of micro-batch {k} while its activations are evicted (no LD{k})")
+        if action.kind is Kind.EVICT:
+            away.add(k)
+        elif action.kind is Kind.LOAD:
+            away.discard(k)
+        if action.kind in _PAIRS:
+            _check_match(schedule, stage, step, action)
+        seen.add(action)
+    counts = Counter(a for a in program if a.kind.is_compute)
+    for kind in (Kind.F, Kind.B):
+        for k in range(m):
+            if counts[Action(kind, k)] != 1:
+                last = len(program) - 1
+                raise ScheduleError(
+                    f"stage {stage}: {kind.value}{k} must appear exactly once, found "
+                    f"{counts[Action(kind, k)]}",
+                    schedule,
+                    stage,
+                    max(last, 0),
+                )
+
+
+def _check_match(schedule: Schedule, stage: int, step: int, action: Action) -> None:
+    other_kind, how = _PAIRS[action.kind]
+    peer = _peer(schedule, stage, how)
+    if peer is None:
+        raise ScheduleError(
+            f"stage {stage}, step {step} ({action}): no peer stage to exchange with "
+            f"({'no BPipe partner' if how == 'partner' else 'pipeline edge'})",
+            schedule,
+            stage,
+            step,
+        )
+    mine = sum(1 for a in schedule.program(stage) if a == action)
+    theirs = sum(1 for a in schedule.program(peer) if a == Action(other_kind, action.mb))
+    if mine != theirs:
+        raise ScheduleError(
+            f"stage {stage}, step {step} ({action}): unmatched - {mine} on this stage but {theirs} "
+            f"{other_kind.value}{action.mb} on stage {peer}",
+            schedule,
+            stage,
+            step,
+        )
+
+
+def _replay(schedule: Schedule) -> dict[int, int]:
+    """Run every program under the executor's blocking rules; check deadlock and the cap."""
+    p = schedule.num_stages
+    done: set[tuple[int, Kind, int]] = set()
+    pc = [0] * p
+    resident = [0] * p
+    peak = [0] * p
+    pending: list[list[Action]] = [[] for _ in range(p)]
+
+    def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
+        k, partner = action.mb, schedule.partner[s]
+        needs: list[tuple[int, Kind, int]] = []
+        if action.kind.allocates:
+            for out in pending[s]:
+                assert partner is not None
+                if out.kind is Kind.EVICT:
+                    needs.append((partner, Kind.STASH, out.mb))
+                else:
+                    needs.append((partner, Kind.LOAD, out.mb))
+        if action.kind is Kind.F and s > 0:
+            needs.append((s - 1, Kind.SEND_F, k))
+        if action.kind is Kind.B and s < p - 1:
+            needs.append((s + 1, Kind.SEND_B, k))
+        if action.kind is Kind.B and partner is not None and Action(Kind.LOAD, k) in schedule.program(s):
+            needs.append((partner, Kind.RESTORE, k))
+        if action.kind is Kind.EVICT and s < p - 1:
+            needs.append((s + 1, Kind.RECV_F, k))  # its activation send must complete first
+        if action.kind is Kind.RESTORE and partner is not None:
+            needs.append((partner, Kind.EVICT, k))
+        return next((n for n in needs if n not in done), None)
+
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            program = schedule.program(s)
+            while pc[s] < len(program):
+                action = program[pc[s]]
+                if blocked_on(s, action) is not None:
+                    break
+                if action.kind.allocates:
+                    resident[s] -= len(pending[s])
+                    pending[s].clear()
+                if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
+                    resident[s] += 1
+                elif action.kind is Kind.B:
+                    resident[s] -= 1
+                elif action.kind in (Kind.EVICT, Kind.RESTORE):
+                    pending[s].append(action)
+                peak[s] = max(peak[s], resident[s])
+                if schedule.cap is not None and resident[s] > schedule.cap:
+                    raise ScheduleError(
+                        f"stage {s}, step {pc[s]} ({action}): holds {resident[s]} micro-batches, "
+                        f"above the cap of {schedule.cap}",
+                        schedule,
+                        s,
+                        pc[s],
+                    )
+                done.add((s, action.kind, action.mb))
+                pc[s] += 1
+                progressed = True
+    stuck = [s for s in range(p) if pc[s] < len(schedule.program(s))]
+    if stuck:
+        s = stuck[0]
+        waits = []
+        for t in stuck:
+            action = schedule.program(t)[pc[t]]
+            need = blocked_on(t, action)
+            assert need is not None
+            waits.append(f"stage {t} at {action} waits for {need[1].value}{need[2]} on stage {need[0]}")
+        raise ScheduleError("deadlock: " + "; ".join(waits), schedule, s, pc[s])
+    return dict(enumerate(peak))

@@ -1,0 +1,1 @@
+"""Search spaces and model / cluster presets, shipped as YAML data (never code)."""

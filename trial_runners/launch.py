@@ -1,0 +1,194 @@
+"""Start one process per rank, watch them, and turn what they wrote into a trial result.
+
+No process outlives the launcher: all ranks share one process group that is killed as a whole
+on any failure, timeout or exit, and each rank asks the kernel to kill it if the launcher dies
+(PR_SET_PDEATHSIG), even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.config import TrialConfig
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class JobOutcome:
+    """What a job's ranks left behind: per-run per-rank results, or the failure."""
+
+    status: str  # ok | oom | failed | timeout
+    error: str | None
+    results: list[list[dict[str, Any]]] = field(default_factory=list)  # [run][rank]
+    failed_run: int | None = None
+
+
+def worker_env(world_size: int, device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    cores = os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // world_size)))
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # process RSS then tracks freed activations
+    if device == "cpu":
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH", "")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_job(
+    runs: list[dict[str, Any]],
+    *,
+    world_size: int,
+    timeout: float,
+    device: str = "cpu",
+    workdir: str | None = None,
+) -> JobOutcome:
+    """Run `runs` (each {"config": TrialConfig.to_dict(), "steps", "seed", ...}) on fresh ranks."""
+    with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+        job = {
+            "world_size": world_size,
+            "init_file": str(folder / "rendezvous"),
+            "device": device,
+            "threads": threads,
+            "runs": runs,
+        }
+        (folder / "job.json").write_text(json.dumps(job))
+        env = worker_env(world_size, device)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for rank in range(world_size):
+                log = open(folder / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
+                kwargs: dict[str, Any] = {"process_group": 0 if rank == 0 else procs[0].pid}
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "trial_runners.worker", str(folder / "job.json"), str(rank)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=str(_ROOT),
+                        preexec_fn=_die_with_parent,
+                        **kwargs,
+                    )
+                )
+                log.close()
+            status, error = _watch(procs, folder, timeout)
+        finally:
+            _kill_all(procs)
+        if status != "ok":
+            failed = _failed_run(folder)
+            return JobOutcome(status, error, failed_run=failed)
+        results = [
+            [json.loads((folder / f"run{i}.rank{r}.json").read_text()) for r in range(world_size)]
+            for i in range(len(runs))
+        ]
+        return JobOutcome("ok", None, results)
+
+
+def _watch(procs: list[subprocess.Popen[bytes]], folder: Path, timeout: float) -> tuple[str, str | None]:
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return "ok", None
+        bad = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
+        if bad:
+            time.sleep(0.05)  # let a rank that failed cleanly finish writing its status
+            return _diagnose(folder, bad)
+        if time.monotonic() > deadline:
+            return "timeout", f"trial did not finish within {timeout:g} s (killed all {len(procs)} ranks)"
+        time.sleep(0.02)
+
+
+def _diagnose(folder: Path, bad: list[tuple[int, int]]) -> tuple[str, str]:
+    statuses = sorted(folder.glob("status.rank*.json"))
+    for path in statuses:
+        data = json.loads(path.read_text())
+        if data["status"] == "oom":
+            return "oom", data["error"]
+    if statuses:
+        data = json.loads(statuses[0].read_text())
+        return data["status"], data["error"]
+    rank, code = bad[0]
+    reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    tail = _log_tail(folder / f"rank{rank}.log")
+    return "failed", f"rank {rank} died ({reason}){': ' + tail if tail else ''}"
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def _failed_run(folder: Path) -> int | None:
+    for path in folder.glob("status.rank*.json"):
+        return int(json.loads(path.read_text())["run"])
+    return None
+
+
+def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    if not procs:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(procs[0].pid, signal.SIGKILL)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def summarize(
+    cfg: TrialConfig, ranks: list[dict[str, Any]], *, flops_per_token: float, peak_flops: float | None
+) -> dict[str, Any]:
+    """The contract's trial JSON from the per-rank results of one run."""
+    steps = len(ranks[0]["step_times"])
+    per_step = [max(r["step_times"][i] for r in ranks) for i in range(steps)]
+    measured = per_step[1:] or per_step
+    step_time = statistics.median(measured)
+    tokens = cfg.tokens_per_step
+    achieved = flops_per_token * tokens / step_time
+    last = next(r for r in ranks if r["stage"] == cfg.pp - 1 and r["tp_rank"] == 0 and r["dp_rank"] == 0)
+    stages = []
+    for s in range(cfg.pp):
+        mine = [r for r in ranks if r["stage"] == s]
+        stages.append(
+            {
+                "stage": s,
+                "peak_activation_bytes": max(r["peak_activation_bytes"] for r in mine),
+                "peak_memory_bytes": max(
+                    r["peak_activation_bytes"] + r["static_bytes"] + (r["device_peak_bytes"] or 0)
+                    for r in mine
+                ),
+                "evicted_bytes": max(r["evicted_bytes"] for r in mine),
+            }
+        )
+    return {
+        "step_time_s": step_time,
+        "tokens_per_s": tokens / step_time,
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / (peak_flops * cfg.world_size) if peak_flops else None,
+        "losses": last["losses"],
+        "stages": stages,
+    }

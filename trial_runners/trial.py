@@ -1,0 +1,57 @@
+"""`run_trial`: one short real training run of a configuration, as contracts.md's JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.config import TrialConfig
+from trial_runners.launch import run_job, summarize
+from trial_runners.models import model_flops_per_token
+
+# Dense peak FLOP/s by device name fragment, for the precision trials run in (fp32 today).
+_PEAK_FP32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
+
+
+def device_peak_flops(device: str) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPUs)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in _PEAK_FP32.items() if k in name), None)
+
+
+def run_trial(
+    cfg: TrialConfig,
+    *,
+    steps: int = 3,
+    seed: int = 0,
+    timeout: float = 600.0,
+    data_path: str | None = None,
+    dump_dir: str | None = None,
+) -> dict[str, Any]:
+    """Run `steps` measured steps after one warm-up on world-size fresh processes."""
+    run = {
+        "config": cfg.to_dict(),
+        "steps": steps,
+        "seed": seed,
+        "data_path": data_path,
+        "dump_dir": dump_dir,
+    }
+    outcome = run_job([run], world_size=cfg.world_size, timeout=timeout, device=cfg.device)
+    result: dict[str, Any] = {"status": outcome.status, "error": outcome.error, "config": cfg.to_dict()}
+    if outcome.status != "ok":
+        result.update(
+            step_time_s=None, tokens_per_s=None, achieved_tflops=None, mfu=None, losses=[], stages=[]
+        )
+        return result
+    result.update(
+        summarize(
+            cfg,
+            outcome.results[0],
+            flops_per_token=model_flops_per_token(cfg.model, recompute=cfg.recompute),
+            peak_flops=device_peak_flops(cfg.device),
+        )
+    )
+    return result

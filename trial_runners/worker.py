@@ -1,0 +1,262 @@
+"""One rank of a trial: `python -m trial_runners.worker JOB.json RANK`.
+
+The launcher starts one of these per rank. A job lists runs (configurations) that share the
+world size; each rank builds its stage, runs one warm-up and the measured steps of each run
+through the executor, and writes `run{i}.rank{r}.json` in the job's folder. On an error it
+writes `status.rank{r}.json` (status "oom" or "failed" with a one-line reason) and exits
+non-zero; the launcher then stops the other ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from autotune.config import TrialConfig
+from autotune.schedules import generate, validate
+from trial_runners.data import batch_for_step, microbatch
+from trial_runners.executor import StageExecutor, StageLinks
+from trial_runners.memory import ActivationTracker, SimulatedOOM
+from trial_runners.models import StageModule, build_stage
+
+EXIT_OOM = 3
+
+
+@dataclass(frozen=True)
+class Coords:
+    """Where a rank sits in the tp x pp x dp grid (tp fastest, then dp, then pp)."""
+
+    rank: int
+    tp: int
+    dp: int
+    pp: int
+
+    @classmethod
+    def of(cls, rank: int, cfg: TrialConfig) -> Coords:
+        return cls(rank, rank % cfg.tp, (rank // cfg.tp) % cfg.dp, rank // (cfg.tp * cfg.dp))
+
+
+def global_rank(cfg: TrialConfig, *, tp: int, dp: int, pp: int) -> int:
+    return (pp * cfg.dp + dp) * cfg.tp + tp
+
+
+def _groups(cfg: TrialConfig, me: Coords) -> tuple[Any, Any]:
+    """Create every tp and dp group (all ranks must call new_group in the same order)."""
+    tp_group = dp_group = None
+    if cfg.tp > 1:
+        for pp in range(cfg.pp):
+            for dp in range(cfg.dp):
+                group = dist.new_group([global_rank(cfg, tp=t, dp=dp, pp=pp) for t in range(cfg.tp)])
+                if (pp, dp) == (me.pp, me.dp):
+                    tp_group = group
+    if cfg.dp > 1:
+        for pp in range(cfg.pp):
+            for tp in range(cfg.tp):
+                group = dist.new_group([global_rank(cfg, tp=tp, dp=d, pp=pp) for d in range(cfg.dp)])
+                if (pp, tp) == (me.pp, me.tp):
+                    dp_group = group
+    return tp_group, dp_group
+
+
+def _probe_microbatch_bytes(
+    module: StageModule, cfg: TrialConfig, tracker: ActivationTracker, device: torch.device
+) -> int:
+    """Saved bytes of one micro-batch's forward on this stage (all micro-batches are alike)."""
+    b, s = cfg.micro_batch_size, cfg.model.seq_len
+    tokens = torch.zeros(b, s, dtype=torch.long, device=device)
+    if module.is_first:
+        x = tokens
+    else:
+        x = torch.zeros(b, s, cfg.model.hidden_size, device=device, requires_grad=True)
+    probe = ActivationTracker(tracker.excluded)
+    with probe.capture(0):
+        out = module(x, tokens if module.is_last else None)
+    del out
+    return probe.sizes.get(0, 0)
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """Test hook: AUTOTUNE_INJECT_FAULT=crash@R|hang@R|error@R makes rank R misbehave at step 0."""
+    fault = os.environ.get("AUTOTUNE_INJECT_FAULT", "")
+    if not fault or step != 0:
+        return
+    kind, _, who = fault.partition("@")
+    if int(who or 0) != rank:
+        return
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        time.sleep(10**6)
+    if kind == "error":
+        raise RuntimeError("injected error")
+
+
+def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> None:
+    cfg = TrialConfig.from_dict(run["config"])
+    me = Coords.of(rank, cfg)
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    )
+    tp_group, dp_group = _groups(cfg, me)
+    module = build_stage(
+        cfg.model,
+        stage=me.pp,
+        num_stages=cfg.pp,
+        flash_attention=cfg.flash_attention,
+        recompute=cfg.recompute,
+        tp_group=tp_group,
+        seed=run.get("seed", 0),
+        device=device,
+    )
+    schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
+    validate(schedule)
+    params = list(module.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    static_bytes = 4 * param_bytes  # parameters, gradients, AdamW's two moments (fp32)
+    tracker = ActivationTracker.for_module(module, static_bytes=static_bytes, limit=cfg.memory_limit)
+
+    mb_bytes = _probe_microbatch_bytes(module, cfg, tracker, device)
+    all_bytes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_bytes, torch.tensor([mb_bytes], dtype=torch.long, device=device))
+    partner_stage = schedule.partner[me.pp]
+    partner = None if partner_stage is None else global_rank(cfg, tp=me.tp, dp=me.dp, pp=partner_stage)
+    links = StageLinks(
+        prev=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp - 1) if me.pp > 0 else None,
+        next=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp + 1) if me.pp < cfg.pp - 1 else None,
+        partner=partner,
+        partner_mb_bytes=int(all_bytes[partner].item()) if partner is not None else 0,
+    )
+    if partner is not None and me.pp < partner_stage:  # type: ignore[operator]
+        links = StageLinks(links.prev, links.next, partner, mb_bytes)  # evictor sends its own size
+    executor = StageExecutor(
+        module,
+        schedule.program(me.pp),
+        first=module.is_first,
+        last=module.is_last,
+        links=links,
+        activation_shape=(cfg.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
+        dtype=torch.float32,
+        device=device,
+        tracker=tracker,
+        loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
+    )
+    optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-3))
+    steps = int(run.get("steps", 3))
+    times: list[float] = []
+    losses: list[float] = []
+    evicted = 0
+    for step in range(steps + 1):
+        tokens, targets = batch_for_step(
+            cfg.model,
+            seed=run.get("seed", 0),
+            step=step,
+            global_batch_size=cfg.global_batch_size,
+            data_path=run.get("data_path"),
+        )
+
+        def batch(mb: int, tokens: torch.Tensor = tokens, targets: torch.Tensor = targets) -> tuple:
+            t, y = microbatch(
+                tokens, targets, index=mb, micro_batch_size=cfg.micro_batch_size, dp_rank=me.dp, dp=cfg.dp
+            )
+            return t.clone().to(device), y.clone().to(device)
+
+        dist.barrier()
+        start = time.perf_counter()
+        _inject_fault(rank, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss, evicted = executor.run_step(batch)
+        if dp_group is not None:
+            _all_reduce_grads(params, dp_group)
+            loss_t = torch.tensor([loss], device=device)
+            dist.all_reduce(loss_t, group=dp_group)
+            loss = float(loss_t.item())
+        if step == 0 and run.get("dump_dir"):
+            _dump_grads(module, Path(run["dump_dir"]) / f"rank{rank}.npz")
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+    result = {
+        "rank": rank,
+        "stage": me.pp,
+        "tp_rank": me.tp,
+        "dp_rank": me.dp,
+        "peak_activation_bytes": tracker.peak,
+        "static_bytes": static_bytes,
+        "microbatch_bytes": mb_bytes,
+        "evicted_bytes": evicted,
+        "step_times": times,
+        "losses": losses,
+        "device_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+    (out_dir / f"run{run_index}.rank{rank}.json").write_text(json.dumps(result))
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(synced)
+
+
+def _dump_grads(module: torch.nn.Module, path: Path) -> None:
+    """Write every parameter's gradient (and its tp shard dim) as .npz; no pickles."""
+    arrays = {}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            arrays[name] = p.grad.detach().cpu().numpy()
+        arrays[f"__shard_dim__{name}"] = np.array(getattr(p, "tp_shard_dim", -1))
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+def main(argv: list[str]) -> int:
+    job_path, rank = Path(argv[0]), int(argv[1])
+    job = json.loads(job_path.read_text())
+    out_dir = job_path.parent
+    backend = "nccl" if job.get("device") == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    torch.set_num_threads(int(job.get("threads", 1)))
+    dist.init_process_group(
+        backend, init_method=f"file://{job['init_file']}", rank=rank, world_size=job["world_size"]
+    )
+    for i, run in enumerate(job["runs"]):
+        try:
+            if run["config"].get("device") == "cuda" and run["config"].get("memory_limit"):
+                total = torch.cuda.get_device_properties(rank % torch.cuda.device_count()).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, run["config"]["memory_limit"] / total))
+            run_one(run, rank, out_dir, i)
+        except (SimulatedOOM, torch.cuda.OutOfMemoryError) as exc:
+            _write_status(out_dir, rank, i, "oom", f"rank {rank}: out of memory: {exc}".splitlines()[0])
+            return EXIT_OOM
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason
+            traceback.print_exc()
+            _write_status(
+                out_dir, rank, i, "failed", f"rank {rank}: {type(exc).__name__}: {exc}".splitlines()[0]
+            )
+            return 1
+    dist.destroy_process_group()
+    return 0
+
+
+def _write_status(out_dir: Path, rank: int, run: int, status: str, error: str) -> None:
+    (out_dir / f"status.rank{rank}.json").write_text(
+        json.dumps({"run": run, "status": status, "error": error})
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
