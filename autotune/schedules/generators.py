@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner
+from autotune.schedules.memory import peak_resident
 
 
 def gpipe_order(p: int, m: int, stage: int) -> Program:
@@ -266,18 +267,5 @@ def _bpipe(orders: list[Program], cap: int) -> tuple[list[Program], list[int | N
 
 
 def _pair_over_cap(evictor: Program, acceptor: Program, cap: int) -> bool:
-    """Whether either side of a pair ever holds more than `cap` under the IR's counting."""
-    for program in (evictor, acceptor):
-        resident, pending = 0, 0
-        for action in program:
-            if action.kind.allocates:
-                resident, pending = resident - pending, 0
-            if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
-                resident += 1
-            elif action.kind is Kind.B:
-                resident -= 1
-            elif action.kind in (Kind.EVICT, Kind.RESTORE):
-                pending += 1
-            if resident > cap:
-                return True
-    return False
+    """Whether either side of a pair ever holds more than `cap` micro-batches."""
+    return max(peak_resident(evictor), peak_resident(acceptor)) > cap

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from autotune.schedules.ir import Action, Kind, Schedule
+from autotune.schedules.memory import resident_trace
 from autotune.schedules.render import grid
 
 # kind on this stage -> (kind on the peer, peer offset or "partner")
@@ -46,7 +47,23 @@ def validate(schedule: Schedule) -> dict[int, int]:
     """Raise ScheduleError if `schedule` is broken; return each stage's peak resident count."""
     for stage in range(schedule.num_stages):
         _check_structure(schedule, stage)
-    return _replay(schedule)
+    _replay(schedule)
+    peaks = {}
+    for stage, program in enumerate(schedule.programs):
+        trace = resident_trace(program)
+        over = next(
+            (i for i, held in enumerate(trace) if schedule.cap is not None and held > schedule.cap), None
+        )
+        if over is not None:
+            raise ScheduleError(
+                f"stage {stage}, step {over} ({program[over]}): holds {trace[over]} micro-batches, "
+                f"above the cap of {schedule.cap}",
+                schedule,
+                stage,
+                over,
+            )
+        peaks[stage] = max(trace, default=0)
+    return peaks
 
 
 def _peer(schedule: Schedule, stage: int, how: int | str) -> int | None:
@@ -133,25 +150,20 @@ def _check_match(schedule: Schedule, stage: int, step: int, action: Action) -> N
         )
 
 
-def _replay(schedule: Schedule) -> dict[int, int]:
-    """Run every program under the executor's blocking rules; check deadlock and the cap."""
+def _replay(schedule: Schedule) -> None:
+    """Run every program under the executor's blocking rules; raise on a deadlock."""
     p = schedule.num_stages
     done: set[tuple[int, Kind, int]] = set()
     pc = [0] * p
-    resident = [0] * p
-    peak = [0] * p
     pending: list[list[Action]] = [[] for _ in range(p)]
 
     def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
         k, partner = action.mb, schedule.partner[s]
         needs: list[tuple[int, Kind, int]] = []
-        if action.kind.allocates:
+        if action.kind.allocates and partner is not None:
             for out in pending[s]:
-                assert partner is not None
-                if out.kind is Kind.EVICT:
-                    needs.append((partner, Kind.STASH, out.mb))
-                else:
-                    needs.append((partner, Kind.LOAD, out.mb))
+                back = Kind.STASH if out.kind is Kind.EVICT else Kind.LOAD
+                needs.append((partner, back, out.mb))
         if action.kind is Kind.F and s > 0:
             needs.append((s - 1, Kind.SEND_F, k))
         if action.kind is Kind.B and s < p - 1:
@@ -174,34 +186,18 @@ def _replay(schedule: Schedule) -> dict[int, int]:
                 if blocked_on(s, action) is not None:
                     break
                 if action.kind.allocates:
-                    resident[s] -= len(pending[s])
                     pending[s].clear()
-                if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
-                    resident[s] += 1
-                elif action.kind is Kind.B:
-                    resident[s] -= 1
-                elif action.kind in (Kind.EVICT, Kind.RESTORE):
+                if action.kind in (Kind.EVICT, Kind.RESTORE):
                     pending[s].append(action)
-                peak[s] = max(peak[s], resident[s])
-                if schedule.cap is not None and resident[s] > schedule.cap:
-                    raise ScheduleError(
-                        f"stage {s}, step {pc[s]} ({action}): holds {resident[s]} micro-batches, "
-                        f"above the cap of {schedule.cap}",
-                        schedule,
-                        s,
-                        pc[s],
-                    )
                 done.add((s, action.kind, action.mb))
                 pc[s] += 1
                 progressed = True
     stuck = [s for s in range(p) if pc[s] < len(schedule.program(s))]
     if stuck:
-        s = stuck[0]
         waits = []
         for t in stuck:
             action = schedule.program(t)[pc[t]]
             need = blocked_on(t, action)
             assert need is not None
             waits.append(f"stage {t} at {action} waits for {need[1].value}{need[2]} on stage {need[0]}")
-        raise ScheduleError("deadlock: " + "; ".join(waits), schedule, s, pc[s])
-    return dict(enumerate(peak))
+        raise ScheduleError("deadlock: " + "; ".join(waits), schedule, stuck[0], pc[stuck[0]])
