@@ -8,12 +8,13 @@ subcommands that need them, so `autotune --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from autotune.config import SCHEDULES, TrialConfig, load_model, parse_bytes
+from autotune.config import SCHEDULES, TrialConfig, check_bpipe_cap, load_model, parse_bytes
 from autotune.errors import ConfigError
 
 
@@ -73,8 +74,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         )
     }
     model = load_model(args.model, **shape)
-    device = args.device or _default_device()
-    return TrialConfig(
+    cfg = TrialConfig(
         model=model,
         tp=args.tp,
         pp=args.pp,
@@ -85,10 +85,13 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         schedule=args.schedule,
         recompute=args.recompute,
         flash_attention=args.flash_attention,
-        device=device,
+        device=args.device or "cpu",
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
         bpipe_cap=args.bpipe_cap,
     )
+    if args.device is None and _default_device() == "cuda":  # checked last: it imports torch
+        cfg = dataclasses.replace(cfg, device="cuda")
+    return cfg
 
 
 def _default_device() -> str:
@@ -138,6 +141,12 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             f"{args.schedule} needs at least as many micro-batches as "
             f"stages ({args.num_microbatches} < --pp {args.pp})",
         )
+    if args.bpipe_cap < 0:
+        raise ConfigError("--bpipe-cap", f"must be a positive integer, got {args.bpipe_cap}")
+    if args.schedule == "bpipe":
+        check_bpipe_cap(args.bpipe_cap, args.pp)
+    elif args.bpipe_cap:
+        raise ConfigError("--bpipe-cap", f"only applies to --schedule bpipe, not {args.schedule}")
     schedule = generate(args.schedule, args.pp, args.num_microbatches, cap=args.bpipe_cap or None)
     peaks = validate(schedule)
     print(to_text(schedule) if args.text else grid(schedule.programs))

@@ -151,13 +151,14 @@ def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
         )
     if "family" not in data:
         raise ConfigError("--model", "model YAML must name its family (gpt or llama)")
+    multi_head = data.get("num_kv_heads", data.get("num_heads")) == data.get("num_heads")
     for key, value in overrides.items():
         if key not in _MODEL_FIELDS:
             raise ConfigError(flag(key), "is not a model shape field")
         if value is not None:
             data[key] = value
-    if "num_heads" in overrides and overrides["num_heads"] is not None and "num_kv_heads" not in data:
-        data["num_kv_heads"] = 0
+    if overrides.get("num_heads") is not None and overrides.get("num_kv_heads") is None and multi_head:
+        data["num_kv_heads"] = 0  # a multi-head model stays multi-head with the new head count
     missing = [k for k in _MODEL_FIELDS if k not in data and k != "num_kv_heads"]
     if missing:
         raise ConfigError("--model", f"model YAML lacks {missing[0]!r}")
@@ -192,6 +193,17 @@ def parse_bytes(text: str | int, field_name: str = "--memory-limit") -> int:
     if value <= 0:
         raise ConfigError(field_name, f"must be positive, got {text!r}")
     return value
+
+
+def check_bpipe_cap(cap: int, pp: int) -> None:
+    """BPipe's cap (0 = default) must let a stage pair hold the pp+1 micro-batches 1F1B keeps."""
+    least = math.ceil((pp + 1) / 2)
+    if cap and cap < least:
+        raise ConfigError(
+            "--bpipe-cap",
+            f"must be at least ceil((pp+1)/2) = {least} for --pp {pp}: stages x and pp-1-x hold "
+            f"pp+1 = {pp + 1} micro-batches together under 1F1B, got {cap}",
+        )
 
 
 @dataclass(frozen=True)
@@ -286,12 +298,14 @@ class TrialConfig:
                 f"{self.schedule} needs at least as many micro-batches as stages "
                 f"({self.num_microbatches} < --pp {p})",
             )
-        if self.bpipe_cap and self.bpipe_cap < 2 and p > 1:
-            raise ConfigError("--bpipe-cap", f"must be at least 2 micro-batches, got {self.bpipe_cap}")
-        if self.schedule == "bpipe" and not self.bpipe_cap:
-            object.__setattr__(self, "bpipe_cap", math.ceil((p + 1) / 2))
-        if self.schedule != "bpipe":
-            object.__setattr__(self, "bpipe_cap", 0)
+        limit = self.memory_limit
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+            raise ConfigError("--memory-limit", f"must be a positive number of bytes, got {limit!r}")
+        if self.schedule == "bpipe":
+            check_bpipe_cap(self.bpipe_cap, p)
+            object.__setattr__(self, "bpipe_cap", self.bpipe_cap or math.ceil((p + 1) / 2))
+        else:
+            object.__setattr__(self, "bpipe_cap", 0)  # only BPipe has a cap
 
     @property
     def world_size(self) -> int:

@@ -80,8 +80,9 @@ def _probe_microbatch_bytes(
     else:
         x = torch.zeros(b, s, cfg.model.hidden_size, device=device, requires_grad=True)
     probe = ActivationTracker(tracker.excluded)
+    targets = torch.zeros(b, s, dtype=torch.long, device=device)  # its own storage, as in a real step
     with probe.capture(0):
-        out = module(x, tokens if module.is_last else None)
+        out = module(x, targets if module.is_last else None)
     del out
     return probe.sizes.get(0, 0)
 
