@@ -120,18 +120,22 @@ def _watch(procs: list[subprocess.Popen[bytes]], folder: Path, timeout: float) -
 
 
 def _diagnose(folder: Path, bad: list[tuple[int, int]]) -> tuple[str, str]:
-    statuses = sorted(folder.glob("status.rank*.json"))
-    for path in statuses:
-        data = json.loads(path.read_text())
+    """The root cause: an out-of-memory rank, else a rank that died without a word (its peers
+    then fail on broken connections), else the first rank's recorded error."""
+    statuses = {
+        int(p.name[len("status.rank") : -len(".json")]): json.loads(p.read_text())
+        for p in folder.glob("status.rank*.json")
+    }
+    for data in statuses.values():
         if data["status"] == "oom":
             return "oom", data["error"]
-    if statuses:
-        data = json.loads(statuses[0].read_text())
-        return data["status"], data["error"]
-    rank, code = bad[0]
-    reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    tail = _log_tail(folder / f"rank{rank}.log")
-    return "failed", f"rank {rank} died ({reason}){': ' + tail if tail else ''}"
+    for rank, code in bad:
+        if rank not in statuses:
+            reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            tail = _log_tail(folder / f"rank{rank}.log")
+            return "failed", f"rank {rank} died ({reason}){': ' + tail if tail else ''}"
+    first = statuses[min(statuses)]
+    return first["status"], first["error"]
 
 
 def _log_tail(path: Path) -> str:

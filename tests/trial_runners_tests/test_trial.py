@@ -1,0 +1,142 @@
+"""`autotune trial` end to end: the JSON contract, out-of-memory, crashes, hangs, and that no
+process outlives the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autotune.config import TrialConfig, load_model
+from trial_runners.trial import run_trial
+
+TRIAL = [sys.executable, "-m", "autotune.cli", "trial", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_pids() -> list[int]:
+    """Live trial worker processes on this machine (zombies excluded)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"trial_runners.worker" in cmd and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def cli_trial(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> dict:
+    proc = subprocess.run(
+        [*TRIAL, *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, "--json prints exactly one JSON object on stdout"
+    return json.loads(lines[0])
+
+
+def test_json_contract() -> None:
+    out = cli_trial(
+        "--model",
+        "tiny-llama",
+        "--pp",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--schedule",
+        "1f1b",
+        "--steps",
+        "2",
+    )
+    assert out["status"] == "ok" and out["error"] is None
+    cfg = out["config"]
+    assert cfg["model"] == "tiny-llama" and cfg["world_size"] == 2 and cfg["num_microbatches"] == 4
+    assert cfg["flash_attention"] is True and cfg["recompute"] == "none" and cfg["device"] == "cpu"
+    assert out["step_time_s"] > 0
+    assert out["tokens_per_s"] == pytest.approx(8 * 32 / out["step_time_s"])
+    assert out["achieved_tflops"] > 0 and out["mfu"] is None  # a CPU's peak is unknown
+    assert len(out["losses"]) == 3  # the warm-up, then two measured steps
+    assert out["losses"][0] == pytest.approx(math.log(256), rel=0.02)  # uniform synthetic tokens, fresh init
+    assert [s["stage"] for s in out["stages"]] == [0, 1]
+    for stage in out["stages"]:
+        assert set(stage) == {"stage", "peak_activation_bytes", "peak_memory_bytes", "evicted_bytes"}
+        assert stage["peak_memory_bytes"] > stage["peak_activation_bytes"] > 0
+        assert stage["evicted_bytes"] == 0
+
+
+def test_memory_limit_between_peaks_ooms_1f1b_and_trains_bpipe() -> None:
+    """BPipe matters: the same configuration under a cap between the two schedules' peaks."""
+    common = ["--model", "tiny-gpt", "--pp", "4", "--num-microbatches", "8", "--steps", "1"]
+    free = {s: cli_trial(*common, "--schedule", s) for s in ("1f1b", "bpipe")}
+    peak = {s: max(st["peak_memory_bytes"] for st in r["stages"]) for s, r in free.items()}
+    assert peak["bpipe"] < peak["1f1b"]
+    limit = (peak["bpipe"] + peak["1f1b"]) // 2
+    capped = {s: cli_trial(*common, "--schedule", s, "--memory-limit", str(limit)) for s in ("1f1b", "bpipe")}
+    assert capped["1f1b"]["status"] == "oom"
+    assert "memory limit" in capped["1f1b"]["error"] and "\n" not in capped["1f1b"]["error"]
+    assert capped["bpipe"]["status"] == "ok"
+    assert capped["bpipe"]["losses"] == free["1f1b"]["losses"]  # same training, less memory
+    assert capped["bpipe"]["stages"][0]["evicted_bytes"] > 0
+    assert not worker_pids()
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "reason"),
+    [
+        ("crash@1", "failed", "rank 1 died (signal SIGKILL)"),
+        ("error@0", "failed", "RuntimeError: injected error"),
+        ("hang@1", "timeout", "did not finish within 15 s"),
+    ],
+)
+def test_faults_are_recorded_and_leave_no_process(
+    monkeypatch: pytest.MonkeyPatch, fault: str, status: str, reason: str
+) -> None:
+    monkeypatch.setenv("AUTOTUNE_INJECT_FAULT", fault)
+    cfg = TrialConfig(model=load_model("tiny-gpt"), pp=2, num_microbatches=2)
+    started = time.monotonic()
+    result = run_trial(cfg, steps=1, timeout=15)
+    assert result["status"] == status
+    assert reason in result["error"]
+    assert result["step_time_s"] is None and result["stages"] == []
+    assert time.monotonic() - started < 60
+    assert not worker_pids()
+
+
+def test_killing_the_launcher_kills_its_ranks() -> None:
+    """Even a SIGKILLed `autotune trial` leaves no rank behind (PR_SET_PDEATHSIG)."""
+    proc = subprocess.Popen(
+        [*TRIAL, "--model", "tiny-gpt", "--pp", "2", "--timeout", "120"],
+        cwd=ROOT,
+        env={**os.environ, "AUTOTUNE_INJECT_FAULT": "hang@0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(worker_pids()) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not worker_pids()
