@@ -117,6 +117,13 @@ def _cmd_trial(args: argparse.Namespace) -> int:
                 f"tp x pp x dp = {cfg.world_size} ranks but only "
                 f"{torch.cuda.device_count()} GPUs are visible",
             )
+    if args.data is not None:
+        from trial_runners.data import check_token_file
+
+        try:
+            check_token_file(args.data, cfg.model)
+        except ValueError as exc:
+            raise ConfigError("--data", str(exc)) from None
     from trial_runners.trial import run_trial
 
     result = run_trial(cfg, steps=args.steps, seed=args.seed, timeout=args.timeout, data_path=args.data)

@@ -43,6 +43,21 @@ def _token_file(path: str, size: int, mtime_ns: int, vocab_size: int) -> np.memm
     return data
 
 
+def check_token_file(path: str, spec: ModelSpec) -> np.memmap:
+    """The token file as uint16, or ValueError saying why it cannot feed `spec`."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read token file {path!r}: {exc.strerror}") from None
+    data = _token_file(os.fspath(path), stat.st_size, stat.st_mtime_ns, spec.vocab_size)
+    if len(data) < spec.seq_len + 1:
+        raise ValueError(
+            f"token file {path!r} is too short: it has {len(data)} tokens, a row needs "
+            f"seq_len + 1 = {spec.seq_len + 1}"
+        )
+    return data
+
+
 def batch_for_step(
     spec: ModelSpec, *, seed: int, step: int, global_batch_size: int, data_path: str | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -58,13 +73,7 @@ def batch_for_step(
     if data_path is None:
         rows = torch.randint(0, spec.vocab_size, (global_batch_size, T + 1), generator=g)  # (B, T+1)
     else:
-        stat = os.stat(data_path)
-        data = _token_file(os.fspath(data_path), stat.st_size, stat.st_mtime_ns, spec.vocab_size)
-        if len(data) < T + 1:
-            raise ValueError(
-                f"token file {data_path!r} is too short: it has {len(data)} tokens, a row needs "
-                f"seq_len + 1 = {T + 1}"
-            )
+        data = check_token_file(data_path, spec)
         offsets = torch.randint(0, len(data) - T, (global_batch_size,), generator=g).tolist()
         rows = torch.from_numpy(np.stack([data[o : o + T + 1].astype(np.int64) for o in offsets]))  # (B, T+1)
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

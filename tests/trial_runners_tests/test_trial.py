@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from autotune.config import TrialConfig, load_model
@@ -81,6 +82,23 @@ def test_json_contract() -> None:
         assert set(stage) == {"stage", "peak_activation_bytes", "peak_memory_bytes", "evicted_bytes"}
         assert stage["peak_memory_bytes"] > stage["peak_activation_bytes"] > 0
         assert stage["evicted_bytes"] == 0
+
+
+def test_token_file(tmp_path: Path) -> None:
+    good = tmp_path / "train.bin"
+    np.arange(4096, dtype=np.uint16).__mod__(256).astype(np.uint16).tofile(good)
+    out = cli_trial("--model", "tiny-gpt", "--data", str(good), "--steps", "1")
+    assert out["status"] == "ok"
+    bad = tmp_path / "bad.bin"
+    np.full(100, 300, dtype=np.uint16).tofile(bad)
+    for path, rule in ((bad, "outside the model's vocabulary"), (tmp_path / "none.bin", "cannot read")):
+        proc = subprocess.run(
+            [*TRIAL, "--model", "tiny-gpt", "--data", str(path)], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.startswith("autotune: error: --data:") and rule in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.bin", "train.bin"]
 
 
 def test_memory_limit_between_peaks_ooms_1f1b_and_trains_bpipe() -> None:
