@@ -106,6 +106,7 @@ def _bench(rank: int, setup: Setup) -> None:
     ours = StageExecutor(
         module,
         generate("1f1b", 2, m).program(rank),
+        cap=None,
         first=rank == 0,
         last=rank == 1,
         links=StageLinks(prev=0 if rank == 1 else None, next=1 if rank == 0 else None, partner=None),

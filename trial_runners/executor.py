@@ -4,7 +4,8 @@ Each rank runs its pipeline stage's program (a list of `autotune.schedules.Actio
 training step. Point-to-point transfers are asynchronous (`isend` / `irecv`): a receive is
 posted where the program says and waited on just before its data is used; sends are waited on
 at the end of the step, or, for BPipe's bulk transfers (EV, RS), before the stage's next
-allocating action (F, LD, ST), which is when their memory is released.
+allocating action that needs their room under the cap (see `autotune.schedules.memory`),
+which is when their memory is released.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from autotune.schedules.ir import Action, Kind
+from autotune.schedules.memory import release_points
 from trial_runners.memory import ActivationTracker
 
 # Tags keep the messages between one pair of ranks apart within a step.
@@ -88,6 +90,7 @@ class StageExecutor:
         module: torch.nn.Module,
         program: Sequence[Action],
         *,
+        cap: int | None,
         first: bool,
         last: bool,
         links: StageLinks,
@@ -99,6 +102,7 @@ class StageExecutor:
     ) -> None:
         self.module = module
         self.program = list(program)
+        self.releases = release_points(self.program, cap)
         self.first, self.last = first, last
         self.links = links
         self.activation_shape = activation_shape
@@ -109,8 +113,8 @@ class StageExecutor:
     def run_step(self, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Run the program once; returns (sum of scaled micro-batch losses, evicted bytes)."""
         st = _StepState()
-        for action in self.program:
-            if action.kind.allocates:
+        for action, release in zip(self.program, self.releases, strict=True):
+            if release:
                 self._release_outgoing(st)
             self._HANDLERS[action.kind](self, st, action.mb, batch)
         self._release_outgoing(st)

@@ -143,6 +143,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
     executor = StageExecutor(
         module,
         schedule.program(me.pp),
+        cap=schedule.cap,
         first=module.is_first,
         last=module.is_last,
         links=links,

@@ -268,4 +268,4 @@ def _bpipe(orders: list[Program], cap: int) -> tuple[list[Program], list[int | N
 
 def _pair_over_cap(evictor: Program, acceptor: Program, cap: int) -> bool:
     """Whether either side of a pair ever holds more than `cap` micro-batches."""
-    return max(peak_resident(evictor), peak_resident(acceptor)) > cap
+    return max(peak_resident(evictor, cap=cap), peak_resident(acceptor, cap=cap)) > cap

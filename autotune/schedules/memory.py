@@ -1,10 +1,16 @@
 """What a stage holds over its program: the IR's memory semantics, in one place.
 
-A forward or a load adds the stage's own micro-batch, a stash adds one of the partner's, a
-backward removes one of its own. Evictions and returns keep their bytes until they are waited
-on, just before the stage's next allocating action (F, LD, ST). The validator uses this with
-unit sizes (micro-batches); the executor's measured `peak_activation_bytes` equals it with
-each stage's bytes per micro-batch, exactly.
+A forward or a load adds one of the stage's own micro-batches, a stash adds one of the
+partner's, a backward removes one of its own. Evictions and returns keep their memory until
+their transfer is waited on. That wait is lazy: it happens just before an allocating action
+(F, LD, ST) that would otherwise take the stage above its cap (with no cap: before every
+allocating action), or at the end of the step; then every outgoing transfer is waited on and
+freed. Lazy waits let a stage with room under its cap keep computing while its evictions and
+returns are still on the wire.
+
+The executor, the validator and the simulator all take their release points from
+`release_points`, and the executor's measured `peak_activation_bytes` equals `peak_resident`
+with each stage's bytes per micro-batch, exactly.
 """
 
 from __future__ import annotations
@@ -14,12 +20,32 @@ from collections.abc import Sequence
 from autotune.schedules.ir import Action, Kind
 
 
-def resident_trace(program: Sequence[Action], *, own: int = 1, partner: int = 1) -> list[int]:
-    """What the stage holds after each action of `program` (units of `own` / `partner`)."""
+def release_points(program: Sequence[Action], cap: int | None) -> list[bool]:
+    """For each action: wait for and free the stage's outgoing EV/RS transfers before it?"""
+    held, pending = 0, 0
+    points = []
+    for action in program:
+        release = action.kind.allocates and pending > 0 and (cap is None or held + 1 > cap)
+        if release:
+            held, pending = held - pending, 0
+        points.append(release)
+        if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
+            held += 1
+        elif action.kind is Kind.B:
+            held -= 1
+        elif action.kind in (Kind.EVICT, Kind.RESTORE):
+            pending += 1
+    return points
+
+
+def resident_trace(
+    program: Sequence[Action], *, own: int = 1, partner: int = 1, cap: int | None = None
+) -> list[int]:
+    """What the stage holds after each action (units of `own` / `partner`; releases as above)."""
     held, pending = 0, 0
     trace = []
-    for action in program:
-        if action.kind.allocates:
+    for action, release in zip(program, release_points(program, cap), strict=True):
+        if release:
             held, pending = held - pending, 0
         if action.kind in (Kind.F, Kind.LOAD):
             held += own
@@ -35,6 +61,8 @@ def resident_trace(program: Sequence[Action], *, own: int = 1, partner: int = 1)
     return trace
 
 
-def peak_resident(program: Sequence[Action], *, own: int = 1, partner: int = 1) -> int:
+def peak_resident(
+    program: Sequence[Action], *, own: int = 1, partner: int = 1, cap: int | None = None
+) -> int:
     """The most the stage holds at any point of `program`."""
-    return max(resident_trace(program, own=own, partner=partner), default=0)
+    return max(resident_trace(program, own=own, partner=partner, cap=cap), default=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from autotune.schedules.ir import Action, Kind, Schedule
-from autotune.schedules.memory import resident_trace
+from autotune.schedules.memory import release_points, resident_trace
 from autotune.schedules.render import grid
 
 # kind on this stage -> (kind on the peer, peer offset or "partner")
@@ -50,7 +50,7 @@ def validate(schedule: Schedule) -> dict[int, int]:
     _replay(schedule)
     peaks = {}
     for stage, program in enumerate(schedule.programs):
-        trace = resident_trace(program)
+        trace = resident_trace(program, cap=schedule.cap)
         over = next(
             (i for i, held in enumerate(trace) if schedule.cap is not None and held > schedule.cap), None
         )
@@ -156,11 +156,12 @@ def _replay(schedule: Schedule) -> None:
     done: set[tuple[int, Kind, int]] = set()
     pc = [0] * p
     pending: list[list[Action]] = [[] for _ in range(p)]
+    releases = [release_points(program, schedule.cap) for program in schedule.programs]
 
     def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
         k, partner = action.mb, schedule.partner[s]
         needs: list[tuple[int, Kind, int]] = []
-        if action.kind.allocates and partner is not None:
+        if releases[s][pc[s]] and partner is not None:
             for out in pending[s]:
                 back = Kind.STASH if out.kind is Kind.EVICT else Kind.LOAD
                 needs.append((partner, back, out.mb))
@@ -185,7 +186,7 @@ def _replay(schedule: Schedule) -> None:
                 action = program[pc[s]]
                 if blocked_on(s, action) is not None:
                     break
-                if action.kind.allocates:
+                if releases[s][pc[s]]:
                     pending[s].clear()
                 if action.kind in (Kind.EVICT, Kind.RESTORE):
                     pending[s].append(action)

@@ -35,8 +35,9 @@ def test_peaks_follow_the_schedule_exactly(matrix_runs, memory_runs) -> None:
             else:
                 partner = schedule.partner[s]
                 partner_bytes = _stage(result, partner)["microbatch_bytes"] if partner is not None else 0
-                expected = peak_resident(schedule.program(s), own=own, partner=partner_bytes)
-                assert peak_resident(schedule.program(s)) <= default_cap(p), f"{case} stage {s} above the cap"
+                program, cap = schedule.program(s), schedule.cap
+                expected = peak_resident(program, own=own, partner=partner_bytes, cap=cap)
+                assert peak_resident(program, cap=cap) <= default_cap(p), f"{case} stage {s} above the cap"
             assert rank["peak_activation_bytes"] == expected, f"{case} stage {s}"
 
 

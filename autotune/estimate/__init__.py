@@ -1,0 +1,1 @@
+"""The estimator: cost model, simulator and profiles (torch-free)."""

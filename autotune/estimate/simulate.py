@@ -1,0 +1,248 @@
+"""The simulator: replays the per-stage programs the executor runs, with durations.
+
+Each stage's compute is one sequential thread over its program. Sends and receives are posted
+where the program puts them and cost the thread nothing; a transfer starts when both ends are
+posted and its link is free (one transfer at a time per directed link), and takes its duration.
+The thread waits where the executor waits: a forward for its input, a backward for its output
+gradient and for a load, an eviction for its activation send, a return for its stash, and an
+allocating action (F, LD, ST) for the stage's outgoing evictions and returns. Memory follows
+`autotune.schedules.memory`, the same semantics the executor's accounting has, so the
+predicted per-stage peaks equal the measured ones.
+
+A discrete-event loop: the stage with the earliest clock acts next, so posts, and therefore
+link order, happen in time order. A program set that stalls is reported as a deadlock with
+the grid.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from autotune.schedules.ir import Action, Kind, Schedule
+from autotune.schedules.memory import peak_resident, release_points
+from autotune.schedules.render import grid
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Durations (seconds) and sizes (bytes) of one pipeline stage's work per micro-batch.
+
+    `send_act` is the time to move one activation (or its gradient) between this stage and the
+    next; `evict` the time to move one of this stage's micro-batches' saved activations over
+    the BPipe pair link (both directions). `tail` is work after the stage's last backward (the
+    data-parallel gradient all-reduce and the optimizer step).
+    """
+
+    fwd: float
+    bwd: float
+    send_act: float = 0.0
+    evict: float = 0.0
+    act_bytes: int = 0
+    static_bytes: int = 0
+    tail: float = 0.0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One interval of the timeline: a compute action on a stage, or a transfer on a link."""
+
+    stage: int
+    label: str
+    start: float
+    end: float
+    kind: str  # "compute" | "transfer" | "wait"
+    peer: int | None = None
+
+
+@dataclass
+class SimResult:
+    step_time: float
+    bubble_fraction: float
+    stage_busy: list[float]
+    stage_end: list[float]
+    peak_activation_bytes: list[int]
+    peak_memory_bytes: list[int]
+    exposed_transfer: list[float]  # time each stage's compute waited on BPipe transfers
+    spans: list[Span] = field(default_factory=list)
+
+
+class DeadlockError(RuntimeError):
+    """The programs stall: the message says who waits for what, with the grid."""
+
+    def __init__(self, message: str, schedule: Schedule, stage: int, step: int) -> None:
+        super().__init__(f"{message}\n{grid(schedule.programs, mark=(stage, step), window=8)}")
+        self.stage, self.step = stage, step
+
+
+TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source stage, destination stage)
+
+_FAMILY = {
+    Kind.SEND_F: "act", Kind.RECV_F: "act", Kind.SEND_B: "grad", Kind.RECV_B: "grad",
+    Kind.EVICT: "evict", Kind.STASH: "evict", Kind.RESTORE: "load", Kind.LOAD: "load",
+}  # fmt: skip
+
+
+def _transfer_key(schedule: Schedule, stage: int, action: Action) -> TransferKey:
+    """The transfer an action posts one end of."""
+    family = _FAMILY[action.kind]
+    partner = schedule.partner[stage]
+    peer = {
+        Kind.SEND_F: stage + 1, Kind.RECV_F: stage - 1, Kind.SEND_B: stage - 1, Kind.RECV_B: stage + 1,
+    }.get(action.kind, partner)  # fmt: skip
+    assert peer is not None, f"stage {stage} has no peer for {action}"
+    sending = action.kind in (Kind.SEND_F, Kind.SEND_B, Kind.EVICT, Kind.RESTORE)
+    src, dst = (stage, peer) if sending else (peer, stage)
+    return (family, action.mb, src, dst)
+
+
+class _Transfer:
+    __slots__ = ("posted", "end", "waiters")
+
+    def __init__(self) -> None:
+        self.posted: list[float] = []
+        self.end: float | None = None
+        self.waiters: list[int] = []
+
+
+class _Replay:
+    def __init__(self, schedule: Schedule, costs: list[StageCosts], record: bool) -> None:
+        self.schedule, self.costs, self.record = schedule, costs, record
+        p = schedule.num_stages
+        self.transfers: dict[TransferKey, _Transfer] = {}
+        self.link_free: dict[tuple[str, int, int], float] = {}
+        self.pc = [0] * p
+        self.clock = [0.0] * p
+        self.busy = [0.0] * p
+        self.exposed = [0.0] * p
+        self.outgoing: list[list[TransferKey]] = [[] for _ in range(p)]
+        self.spans: list[Span] = []
+        self.heap = [(0.0, s) for s in range(p)]
+        self.releases = [release_points(program, schedule.cap) for program in schedule.programs]
+
+    def duration(self, key: TransferKey) -> float:
+        family, _, src, dst = key
+        if family in ("act", "grad"):
+            return self.costs[min(src, dst)].send_act
+        evictor = src if family == "evict" else dst
+        return self.costs[evictor].evict
+
+    def post(self, key: TransferKey, at: float) -> None:
+        transfer = self.transfers.setdefault(key, _Transfer())
+        transfer.posted.append(at)
+        if len(transfer.posted) < 2:
+            return
+        family, mb, src, dst = key
+        link = ("pair" if family in ("evict", "load") else "p2p", src, dst)
+        start = max(*transfer.posted, self.link_free.get(link, 0.0))
+        transfer.end = start + self.duration(key)
+        self.link_free[link] = transfer.end
+        if self.record:
+            self.spans.append(Span(src, f"{family} {mb}", start, transfer.end, "transfer", dst))
+        for stage in transfer.waiters:
+            heapq.heappush(self.heap, (max(self.clock[stage], transfer.end), stage))
+        transfer.waiters.clear()
+
+    def needs(self, stage: int, action: Action) -> list[TransferKey]:
+        """Transfers that must be complete before `action` runs on `stage`."""
+        s, k, kind = stage, action.mb, action.kind
+        p, partner = self.schedule.num_stages, self.schedule.partner[stage]
+        out: list[TransferKey] = []
+        if self.releases[s][self.pc[s]]:
+            out += self.outgoing[s]
+        if kind is Kind.F and s > 0:
+            out.append(("act", k, s - 1, s))
+        if kind is Kind.B and s < p - 1:
+            out.append(("grad", k, s + 1, s))
+        if kind is Kind.B and partner is not None and ("load", k, partner, s) in self.transfers:
+            out.append(("load", k, partner, s))
+        if kind is Kind.EVICT and s < p - 1:
+            out.append(("act", k, s, s + 1))
+        if kind is Kind.RESTORE and partner is not None:
+            out.append(("evict", k, partner, s))
+        return out
+
+    def step(self, stage: int) -> None:
+        program = self.schedule.program(stage)
+        action = program[self.pc[stage]]
+        now = self.clock[stage]
+        ready = now
+        bpipe_wait = 0.0
+        for key in self.needs(stage, action):
+            transfer = self.transfers.get(key)
+            if transfer is None or transfer.end is None:
+                self.transfers.setdefault(key, _Transfer()).waiters.append(stage)
+                return  # woken by `post` when the transfer is scheduled
+            if transfer.end > ready:
+                if key[0] in ("evict", "load"):
+                    bpipe_wait = max(bpipe_wait, transfer.end - now)
+                ready = transfer.end
+        if ready > now:
+            self.exposed[stage] += bpipe_wait
+            self.clock[stage] = ready
+            heapq.heappush(self.heap, (ready, stage))
+            if self.record:
+                self.spans.append(Span(stage, f"wait {action}", now, ready, "wait"))
+            return
+        if self.releases[stage][self.pc[stage]]:
+            self.outgoing[stage] = []
+        if action.kind.is_compute:
+            cost = self.costs[stage]
+            duration = cost.fwd if action.kind is Kind.F else cost.bwd
+            self.busy[stage] += duration
+            if self.record:
+                self.spans.append(Span(stage, str(action), now, now + duration, "compute"))
+            self.clock[stage] = now + duration
+        else:
+            key = _transfer_key(self.schedule, stage, action)
+            if action.kind in (Kind.EVICT, Kind.RESTORE):
+                self.outgoing[stage].append(key)
+            self.post(key, now)
+        self.pc[stage] += 1
+        if self.pc[stage] < len(program):
+            heapq.heappush(self.heap, (self.clock[stage], stage))
+
+    def run(self) -> None:
+        while self.heap:
+            at, stage = heapq.heappop(self.heap)
+            if at < self.clock[stage] or self.pc[stage] >= len(self.schedule.program(stage)):
+                continue  # a stale wake-up
+            self.step(stage)
+        stuck = [s for s in range(self.schedule.num_stages) if self.pc[s] < len(self.schedule.program(s))]
+        if stuck:
+            s = stuck[0]
+            waits = "; ".join(f"stage {t} at {self.schedule.program(t)[self.pc[t]]}" for t in stuck)
+            raise DeadlockError(f"deadlock: no stage can proceed ({waits})", self.schedule, s, self.pc[s])
+
+    def finish_time(self, stage: int) -> float:
+        """When the stage's compute and every transfer it takes part in are done."""
+        ends = [t.end or 0.0 for (_, _, src, dst), t in self.transfers.items() if stage in (src, dst)]
+        return max([self.clock[stage], *ends])
+
+
+def simulate(schedule: Schedule, costs: list[StageCosts], *, record: bool = False) -> SimResult:
+    """Replay `schedule` with per-stage `costs`; `record` keeps the timeline spans."""
+    if len(costs) != schedule.num_stages:
+        raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
+    replay = _Replay(schedule, costs, record)
+    replay.run()
+    p = schedule.num_stages
+    ends = [replay.finish_time(s) + costs[s].tail for s in range(p)]
+    makespan = max(replay.finish_time(s) for s in range(p))
+    step_time = max(ends)
+    peaks = []
+    for s in range(p):
+        partner = schedule.partner[s]
+        partner_bytes = costs[partner].act_bytes if partner is not None else 0
+        program = schedule.program(s)
+        peaks.append(peak_resident(program, own=costs[s].act_bytes, partner=partner_bytes, cap=schedule.cap))
+    return SimResult(
+        step_time=step_time,
+        bubble_fraction=1.0 - sum(replay.busy) / (p * makespan) if makespan > 0 else 0.0,
+        stage_busy=replay.busy,
+        stage_end=ends,
+        peak_activation_bytes=peaks,
+        peak_memory_bytes=[peaks[s] + costs[s].static_bytes for s in range(p)],
+        exposed_transfer=replay.exposed,
+        spans=replay.spans,
+    )
