@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from autotune.config import TrialConfig
+from autotune.placement import layout_of
 from autotune.schedules import generate, validate
 from trial_runners.data import batch_for_step, microbatch
 from trial_runners.executor import StageExecutor, StageLinks
@@ -35,7 +36,7 @@ EXIT_OOM = 3
 
 @dataclass(frozen=True)
 class Coords:
-    """Where a rank sits in the tp x pp x dp grid (tp fastest, then dp, then pp)."""
+    """Where a rank sits in the tp x pp x dp grid (see `autotune.placement`)."""
 
     rank: int
     tp: int
@@ -44,11 +45,12 @@ class Coords:
 
     @classmethod
     def of(cls, rank: int, cfg: TrialConfig) -> Coords:
-        return cls(rank, rank % cfg.tp, (rank // cfg.tp) % cfg.dp, rank // (cfg.tp * cfg.dp))
+        stage, dp_rank, tp_rank = layout_of(cfg).coords(rank)
+        return cls(rank, tp_rank, dp_rank, stage)
 
 
 def global_rank(cfg: TrialConfig, *, tp: int, dp: int, pp: int) -> int:
-    return (pp * cfg.dp + dp) * cfg.tp + tp
+    return layout_of(cfg).rank(stage=pp, dp_rank=dp, tp_rank=tp)
 
 
 def _groups(cfg: TrialConfig, me: Coords) -> tuple[Any, Any]:
