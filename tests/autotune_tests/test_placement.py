@@ -25,7 +25,7 @@ def test_folding_puts_bpipe_pairs_next_to_each_other(p: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tp", "dp", "pp", "folded"), itertools.product((1, 2), (1, 2, 3), (1, 3, 4), (False, True))
+    ("tp", "dp", "pp", "folded"), list(itertools.product((1, 2), (1, 2, 3), (1, 3, 4), (False, True)))
 )
 def test_rank_and_coords_are_inverse(tp: int, dp: int, pp: int, folded: bool) -> None:
     layout = Layout(tp=tp, dp=dp, pp=pp, folded=folded)
