@@ -17,6 +17,7 @@ the grid.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from autotune.schedules.ir import Action, Kind, Schedule
@@ -83,7 +84,33 @@ _FAMILY = {
 }  # fmt: skip
 
 
-def _transfer_key(schedule: Schedule, stage: int, action: Action) -> TransferKey:
+def needed_transfers(
+    schedule: Schedule,
+    stage: int,
+    action: Action,
+    outgoing: list[TransferKey],
+    posted: Container[TransferKey],
+) -> list[TransferKey]:
+    """Transfers that must be complete before `action` runs on `stage`, as the executor waits:
+    `outgoing` are the stage's evictions and returns released before this action, `posted` the
+    transfers some end has posted so far (a backward waits for its load only if one was posted)."""
+    s, k, kind = stage, action.mb, action.kind
+    p, partner = schedule.num_stages, schedule.partner[stage]
+    out: list[TransferKey] = list(outgoing)
+    if kind is Kind.F and s > 0:
+        out.append(("act", k, s - 1, s))
+    if kind is Kind.B and s < p - 1:
+        out.append(("grad", k, s + 1, s))
+    if kind is Kind.B and partner is not None and ("load", k, partner, s) in posted:
+        out.append(("load", k, partner, s))
+    if kind is Kind.EVICT and s < p - 1:
+        out.append(("act", k, s, s + 1))  # its activation send must complete first
+    if kind is Kind.RESTORE and partner is not None:
+        out.append(("evict", k, partner, s))
+    return out
+
+
+def transfer_key(schedule: Schedule, stage: int, action: Action) -> TransferKey:
     """The transfer an action posts one end of."""
     family = _FAMILY[action.kind]
     partner = schedule.partner[stage]
@@ -145,22 +172,8 @@ class _Replay:
 
     def needs(self, stage: int, action: Action) -> list[TransferKey]:
         """Transfers that must be complete before `action` runs on `stage`."""
-        s, k, kind = stage, action.mb, action.kind
-        p, partner = self.schedule.num_stages, self.schedule.partner[stage]
-        out: list[TransferKey] = []
-        if self.releases[s][self.pc[s]]:
-            out += self.outgoing[s]
-        if kind is Kind.F and s > 0:
-            out.append(("act", k, s - 1, s))
-        if kind is Kind.B and s < p - 1:
-            out.append(("grad", k, s + 1, s))
-        if kind is Kind.B and partner is not None and ("load", k, partner, s) in self.transfers:
-            out.append(("load", k, partner, s))
-        if kind is Kind.EVICT and s < p - 1:
-            out.append(("act", k, s, s + 1))
-        if kind is Kind.RESTORE and partner is not None:
-            out.append(("evict", k, partner, s))
-        return out
+        outgoing = self.outgoing[stage] if self.releases[stage][self.pc[stage]] else []
+        return needed_transfers(self.schedule, stage, action, outgoing, self.transfers)
 
     def step(self, stage: int) -> None:
         program = self.schedule.program(stage)
@@ -194,7 +207,7 @@ class _Replay:
                 self.spans.append(Span(stage, str(action), now, now + duration, "compute"))
             self.clock[stage] = now + duration
         else:
-            key = _transfer_key(self.schedule, stage, action)
+            key = transfer_key(self.schedule, stage, action)
             if action.kind in (Kind.EVICT, Kind.RESTORE):
                 self.outgoing[stage].append(key)
             self.post(key, now)

@@ -1,0 +1,161 @@
+"""Saved-for-backward bytes of one micro-batch on one pipeline stage, counted from `models.py`.
+
+This is the formula the executor's `ActivationTracker` measures: every tensor autograd saves,
+by storage, de-duplicated within a micro-batch, parameters and buffers excluded. It is exact
+(to the byte) for the CPU fp32 runs; `tests/trial_runners_tests/test_activation_formula.py`
+checks it against the real stage modules. With `dtype_bytes=2` it is the bf16 prediction on a
+GPU: the same tensors, with the kernels' fp32 side tensors (norm statistics, the attention
+log-sum-exp, the fp32 log-softmax of the loss) kept at 4 bytes. GPU kernels may save slightly
+different side tensors (e.g. padded log-sum-exps); that is not measured here.
+
+Per transformer layer, `b` sequences of `s` tokens, hidden `h`, ffn `f`, `a` heads, `kv` the
+key/value width (num_kv_heads * head_dim), tensor parallel `t`, `d` bytes per element:
+
+- each pre-norm (2 per layer): its input `b*s*h*d`, its output `b*s*h*d` (saved by the next
+  linear), and fp32 statistics: LayerNorm mean and rstd `2*b*s*4`; RMSNorm (torch's composite
+  kernel) rstd `b*s*4` and also the normalised `x * rstd`, `b*s*h*d`;
+- attention, recompute none: q, k, v as the attention kernel sees them (`3*b*s*h/t*d`; for
+  grouped-query attention k and v are the expanded copies, `h/t` wide, except where the
+  expansion is a view of the `kv/t` projection: one local kv head, and for explicit attention
+  also b == 1; see `_kv_saved_width`), the output `b*s*h/t*d` (also the `o` projection's
+  input), and
+  - SDPA (flash): its log-sum-exp, fp32, shape (b, a/t, s): `b*a/t*s*4`;
+  - explicit: the softmax output `b*a/t*s*s*d` (the scores before it are not kept; the mask
+    is a buffer);
+- attention, selective: the reentrant checkpoint's inputs q `b*s*h/t*d`, k and v
+  `2*b*s*kv/t*d` (the unexpanded projections), and the output `b*s*h/t*d`;
+- MLP: gpt fc1 output (GeLU's input) and GeLU output (fc2's input): `2*b*s*f/t*d`; llama
+  gate output (SiLU's input), SiLU output, up output, and their product (down's input):
+  `4*b*s*f/t*d`;
+- recompute full: only the block's input `b*s*h*d` (reentrant checkpoint).
+
+The first stage adds the int64 tokens the embedding keeps (`8*b*s`); the last stage adds the
+final norm (as above), the fp32 log-softmax of the logits `b*s*V*4` (the logits themselves are
+not kept), the int64 targets `8*b*s` and the loss's fp32 total weight (4 bytes).
+"""
+
+from __future__ import annotations
+
+from autotune.config import RECOMPUTE, ModelSpec
+
+FP32 = 4  # norm statistics, SDPA's log-sum-exp, the loss's log-softmax: fp32 on every device
+INT64 = 8  # tokens and targets
+
+
+def _check(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str, tp: int) -> None:
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    if num_stages < 1 or not 0 <= stage < num_stages:
+        raise ValueError(f"stage must be in [0, num_stages={num_stages}), got {stage}")
+    if spec.num_layers % num_stages:
+        raise ValueError(f"{spec.num_layers} layers do not split into {num_stages} equal stages")
+    for what, n in (
+        ("num_heads", spec.num_heads),
+        ("num_kv_heads", spec.num_kv_heads),
+        ("ffn_hidden_size", spec.ffn_hidden_size),
+    ):
+        if tp < 1 or n % tp:
+            raise ValueError(f"tensor parallel {tp} must divide {what} ({n})")
+
+
+def _norm_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int) -> int:
+    """A pre-norm: its input and output, its fp32 statistics; RMSNorm also x * rstd."""
+    if spec.family == "gpt":  # LayerNorm: input, mean, rstd; the output (next linear's input)
+        return 2 * tokens * spec.hidden_size * dtype_bytes + 2 * tokens * FP32
+    # RMSNorm (torch's composite): input, rstd, the normalised x * rstd (for the weight's
+    # gradient); the output
+    return 3 * tokens * spec.hidden_size * dtype_bytes + tokens * FP32
+
+
+def _kv_saved_width(spec: ModelSpec, *, tp: int, micro_batch_size: int, flash_attention: bool) -> int:
+    """Width of the k (and v) storages the attention kernel keeps, per tensor-parallel rank.
+
+    Grouped-query attention expands k and v to every query head with `expand().reshape()`;
+    reshape copies (full width h/t) unless it can be a view: with one local kv head the
+    expanded heads share its storage (kv/t wide). Explicit attention then reshapes the
+    (b, heads) dims together for `bmm`, which copies again unless b == 1.
+    """
+    heads, kv_heads = spec.num_heads // tp, spec.num_kv_heads // tp
+    width, kv = spec.hidden_size // tp, kv_heads * spec.head_dim
+    if kv_heads == heads:
+        return width
+    if kv_heads == 1 and (flash_attention or micro_batch_size == 1):
+        return kv
+    return width
+
+
+def layer_activation_bytes(
+    spec: ModelSpec,
+    *,
+    micro_batch_size: int,
+    flash_attention: bool,
+    recompute: str,
+    tp: int = 1,
+    dtype_bytes: int = 4,
+) -> int:
+    """Saved bytes of one transformer layer for one micro-batch, on one tensor-parallel rank."""
+    b, s, h, d = micro_batch_size, spec.seq_len, spec.hidden_size, dtype_bytes
+    tokens = b * s
+    if recompute == "full":
+        return tokens * h * d  # the reentrant checkpoint's input
+    width = h // tp  # local attention width: (num_heads / t) * head_dim
+    kv = spec.num_kv_heads * spec.head_dim // tp
+    heads = spec.num_heads // tp
+    ffn = spec.ffn_hidden_size // tp
+    norms = 2 * _norm_bytes(spec, tokens, d)
+    if recompute == "selective":
+        attention = tokens * (2 * width + 2 * kv) * d  # checkpoint inputs q, k, v; the output
+    else:
+        kv_saved = _kv_saved_width(spec, tp=tp, micro_batch_size=b, flash_attention=flash_attention)
+        attention = tokens * (2 * width + 2 * kv_saved) * d  # q, k, v as the kernel sees them; out
+        if flash_attention:
+            attention += b * heads * s * FP32  # SDPA's log-sum-exp, (b, a/t, s)
+        else:
+            attention += b * heads * s * s * d  # the softmax output
+    mlp = (2 if spec.family == "gpt" else 4) * tokens * ffn * d
+    return norms + attention + mlp
+
+
+def embed_activation_bytes(spec: ModelSpec, *, micro_batch_size: int) -> int:
+    """The first stage's extra: the int64 token ids the embedding keeps."""
+    return micro_batch_size * spec.seq_len * INT64
+
+
+def head_activation_bytes(spec: ModelSpec, *, micro_batch_size: int, dtype_bytes: int = 4) -> int:
+    """The last stage's extra: final norm, fp32 log-softmax, int64 targets, the loss's total weight."""
+    tokens = micro_batch_size * spec.seq_len
+    return _norm_bytes(spec, tokens, dtype_bytes) + tokens * spec.vocab_size * FP32 + tokens * INT64 + FP32
+
+
+def activation_bytes(
+    spec: ModelSpec,
+    *,
+    stage: int,
+    num_stages: int,
+    micro_batch_size: int,
+    flash_attention: bool,
+    recompute: str,
+    tp: int = 1,
+    dtype_bytes: int = 4,
+) -> int:
+    """Saved-for-backward bytes of ONE micro-batch on stage `stage` (one tensor-parallel rank).
+
+    Equals the executor's `microbatch_bytes` (ActivationTracker) for CPU fp32 runs.
+    """
+    _check(spec, stage=stage, num_stages=num_stages, recompute=recompute, tp=tp)
+    if micro_batch_size < 1 or dtype_bytes < 1:
+        raise ValueError("micro_batch_size and dtype_bytes must be positive")
+    layers = spec.num_layers // num_stages
+    total = layers * layer_activation_bytes(
+        spec,
+        micro_batch_size=micro_batch_size,
+        flash_attention=flash_attention,
+        recompute=recompute,
+        tp=tp,
+        dtype_bytes=dtype_bytes,
+    )
+    if stage == 0:
+        total += embed_activation_bytes(spec, micro_batch_size=micro_batch_size)
+    if stage == num_stages - 1:
+        total += head_activation_bytes(spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes)
+    return total

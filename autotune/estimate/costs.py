@@ -1,0 +1,332 @@
+"""The cost model: a (TrialConfig, ClusterSpec) becomes per-stage `StageCosts` for `simulate()`.
+
+Compute time comes from a measured profile where one is given (`stage_costs(..., profile=...)`),
+else from a roofline: `flops / (peak_flops * efficiency(tokens))`, plus, for explicit (unfused)
+attention, the memory-bound time of its (s, s) tensors. Transfers cost `latency + bytes /
+bandwidth` on the link between the two devices (intra-node NVLink-class or inter-node
+InfiniBand-class, from the placement); all-reduces are rings. Memory: parameters, gradients
+and optimizer state (`static_bytes`) and the saved activations of one micro-batch
+(`act_bytes`, exact for our models: `autotune.estimate.activations`).
+
+All tunable constants live in the block below, each with its meaning; calibration against
+measurements is expected to replace them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from autotune.config import ModelSpec, TrialConfig
+from autotune.errors import ConfigError
+from autotune.estimate.activations import activation_bytes
+from autotune.estimate.clusters import ClusterSpec, link_between, node_of
+from autotune.estimate.simulate import StageCosts
+
+__all__ = [
+    "activation_bytes",
+    "allreduce_time",
+    "attention_memory_time",
+    "bytes_per_param",
+    "default_placement",
+    "efficiency",
+    "head_flops",
+    "layer_flops",
+    "stage_costs",
+    "stage_params",
+]
+
+# --- constants of the roofline (one place; calibration replaces them) -------------------------
+# Fraction of peak FLOP/s a transformer's matmuls reach at a micro-batch of `t` tokens (per
+# device): E_MAX * t / (t + T_HALF). Small micro-batches under-fill the device; large ones
+# approach E_MAX (large-GEMM efficiency on A100/H100 is ~0.8 of the datasheet peak).
+E_MAX = 0.8
+T_HALF = 512.0  # tokens at which the efficiency is E_MAX / 2
+# Peak FLOP/s assumed for a device whose cluster does not say (cpu-local): a nominal fp32
+# figure for one core's worth of work; a profile should be used on CPUs instead.
+NOMINAL_PEAK_FLOPS = 5.0e10
+# Explicit (unfused) attention: full passes over the (b, a/t, s, s) tensors, each pass one read
+# or one write of every element. Forward: write the scores (1), scale (read + write: 2), causal
+# masked_fill (2), softmax (2), read the probabilities for P @ V (1) = 8. Backward: write dP (1),
+# softmax backward (read dP and P, write dS: 3), masked_fill and scale backward (2 + 2), read dS
+# for dQ and dK (2), read P for dV (1) = 11.
+ATTN_FWD_PASSES = 8
+ATTN_BWD_PASSES = 11
+# Bytes per parameter of parameters, gradients and AdamW's state (Megatron's accounting):
+# fp32 training 4 + 4 + 8 = 16 (what the executor counts on CPU); bf16 mixed precision: bf16
+# parameter 2, fp32 gradient 4, fp32 master copy 4, two fp32 moments 8 = 18.
+BYTES_PER_PARAM = {"fp32": 16, "bf16": 18, "fp16": 18}
+GRAD_BYTES = 4  # gradients are all-reduced in fp32
+# The optimizer step is memory-bound: it reads every state of a parameter and writes back all
+# but the gradient; counted as 2 x bytes_per_param of traffic per parameter.
+OPTIMIZER_TRAFFIC_FACTOR = 2.0
+
+Placement = Callable[[int, int, int], int]  # (stage, dp_rank, tp_rank) -> device index
+
+
+class ProfileEntry(Protocol):
+    fwd_s: float
+    bwd_s: float
+    activation_bytes: int
+
+
+class Profile(Protocol):
+    def lookup(self, part: str, micro_batch_size: int, flash_attention: bool, recompute: str) -> Any: ...
+
+
+# --- sizes --------------------------------------------------------------------------------------
+
+
+def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int) -> int:
+    """Parameters held by one tensor-parallel rank of stage `stage` (exact for `models.py`).
+
+    Column-parallel q, k, v, fc1, gate, up: weights and biases split over `tp`; row-parallel o,
+    fc2, down: weights split, biases replicated; norms, embeddings and the head replicated.
+    """
+    if num_stages < 1 or not 0 <= stage < num_stages or spec.num_layers % num_stages:
+        raise ValueError(f"stage {stage} of {num_stages} does not split {spec.num_layers} layers")
+    h, f, v, s = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size, spec.seq_len
+    kv = spec.num_kv_heads * spec.head_dim
+    if spec.family == "gpt":
+        column = (h * h + h) + 2 * (h * kv + kv) + (h * f + f)  # q, k, v, fc1 (with biases)
+        row = h * h + f * h  # o, fc2 weights
+        replicated = 2 * h + 4 * h  # o and fc2 biases; two LayerNorms (weight, bias)
+        embed = v * h + s * h
+        final_norm = 2 * h
+    else:
+        column = h * h + 2 * h * kv + 2 * h * f  # q, k, v, gate, up
+        row = h * h + f * h  # o, down
+        replicated = 2 * h  # two RMSNorm weights
+        embed = v * h
+        final_norm = h
+    per_layer = (column + row) // tp + replicated
+    total = spec.num_layers // num_stages * per_layer
+    if stage == 0:
+        total += embed
+    if stage == num_stages - 1:
+        total += final_norm + h * v
+    return total
+
+
+def bytes_per_param(cluster: ClusterSpec) -> int:
+    """Static bytes per parameter: 16 for fp32 training, 18 for bf16 mixed precision."""
+    return BYTES_PER_PARAM[cluster.dtype]
+
+
+# --- FLOPs and the roofline -----------------------------------------------------------------------
+
+
+def layer_flops(
+    spec: ModelSpec, *, micro_batch_size: int, recompute: str, tp: int = 1
+) -> tuple[float, float]:
+    """(forward, backward) matmul FLOPs of one transformer layer on one tensor-parallel rank.
+
+    Projections: gpt q, o (2*b*s*h*h each), k, v (2*b*s*h*kv each), fc1, fc2 (2*b*s*h*f each);
+    llama the same attention with kv = num_kv_heads * head_dim (grouped-query attention) and
+    SwiGLU gate, up, down (3 x 2*b*s*h*f). Attention core: QK^T and AV, 2 x 2*b*s^2*h, the full
+    (s, s) square (causal masking is not discounted: the explicit path computes it all, and
+    this matches `model_flops_per_token`). Everything is split evenly over `tp`.
+    Backward = 2 x forward; full recompute adds one forward to the backward, selective the
+    attention core's forward.
+    """
+    b, s, h, f = micro_batch_size, spec.seq_len, spec.hidden_size, spec.ffn_hidden_size
+    kv = spec.num_kv_heads * spec.head_dim
+    tokens = b * s
+    attn_proj = 2 * tokens * (2 * h * h + 2 * h * kv)
+    mlp = 2 * tokens * h * f * (2 if spec.family == "gpt" else 3)
+    core = 2 * 2 * b * s * s * h
+    fwd = (attn_proj + mlp + core) / tp
+    bwd = 2 * fwd
+    if recompute == "full":
+        bwd += fwd
+    elif recompute == "selective":
+        bwd += core / tp
+    return float(fwd), float(bwd)
+
+
+def head_flops(spec: ModelSpec, *, micro_batch_size: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of the LM head, 2*b*s*h*V (replicated over tp); embedding ~0."""
+    fwd = 2.0 * micro_batch_size * spec.seq_len * spec.hidden_size * spec.vocab_size
+    return fwd, 2 * fwd
+
+
+def efficiency(tokens: float) -> float:
+    """Fraction of peak FLOP/s reached at `tokens` tokens per micro-batch: E_MAX*t/(t+T_HALF)."""
+    return E_MAX * tokens / (tokens + T_HALF)
+
+
+def attention_memory_time(
+    spec: ModelSpec, *, micro_batch_size: int, tp: int, dtype_bytes: int, hbm_bandwidth: float
+) -> tuple[float, float]:
+    """(forward, backward) memory-bound seconds of explicit attention's (s, s) tensors, per layer."""
+    elements = micro_batch_size * (spec.num_heads // tp) * spec.seq_len**2
+    per_pass = elements * dtype_bytes / hbm_bandwidth
+    return ATTN_FWD_PASSES * per_pass, ATTN_BWD_PASSES * per_pass
+
+
+def allreduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
+    """Ring all-reduce: 2*(n-1)/n * bytes / bandwidth + one latency (0 for a single rank)."""
+    if ranks <= 1:
+        return 0.0
+    return 2.0 * (ranks - 1) / ranks * nbytes / bandwidth + latency
+
+
+def transfer_time(nbytes: float, bandwidth: float, latency: float) -> float:
+    return latency + nbytes / bandwidth if nbytes > 0 else 0.0
+
+
+# --- placement ----------------------------------------------------------------------------------
+
+
+def default_placement(cfg: TrialConfig) -> Placement:
+    """The executor's layout: rank = (stage*dp + dp_rank)*tp + tp_rank (tp fastest, then dp, pp)."""
+
+    def place(stage: int, dp_rank: int, tp_rank: int) -> int:
+        return (stage * cfg.dp + dp_rank) * cfg.tp + tp_rank
+
+    return place
+
+
+def _group_link(cluster: ClusterSpec, devices: list[int]) -> tuple[float, float]:
+    """The link a collective over `devices` runs on: intra-node if they share a node."""
+    if len({node_of(cluster, d) for d in devices}) <= 1:
+        return cluster.intra_bandwidth, cluster.intra_latency
+    return cluster.inter_bandwidth, cluster.inter_latency
+
+
+# --- the stage costs ------------------------------------------------------------------------------
+
+
+def _profile_times(
+    profile: Profile, cfg: TrialConfig, *, layers: int, first: bool, last: bool
+) -> tuple[float, float]:
+    """Stage compute from a profile: layers x per-layer + embedding (first) + head (last).
+
+    A layer measured at the profile's `tp` (1 where it has none) is rescaled to the
+    configuration's tp, compute split evenly over the ranks (the tensor-parallel all-reduces are
+    added by the caller); the embedding and head are replicated, so they are not rescaled.
+    """
+    key = (cfg.micro_batch_size, cfg.flash_attention, cfg.recompute)
+    layer = profile.lookup("layer", *key)
+    scale = getattr(profile, "tp", 1) / cfg.tp
+    fwd, bwd = layers * layer.fwd_s * scale, layers * layer.bwd_s * scale
+    for part, present in (("embed", first), ("head", last)):
+        if present:
+            entry = profile.lookup(part, *key)
+            fwd, bwd = fwd + entry.fwd_s, bwd + entry.bwd_s
+    return fwd, bwd
+
+
+def _roofline_times(
+    cfg: TrialConfig, cluster: ClusterSpec, *, layers: int, last: bool
+) -> tuple[float, float]:
+    spec, b, tp = cfg.model, cfg.micro_batch_size, cfg.tp
+    peak = cluster.peak_flops or NOMINAL_PEAK_FLOPS
+    rate = peak * efficiency(b * spec.seq_len)
+    lf, lb = layer_flops(spec, micro_batch_size=b, recompute=cfg.recompute, tp=tp)
+    fwd, bwd = layers * lf / rate, layers * lb / rate
+    if not cfg.flash_attention:
+        mf, mb = attention_memory_time(
+            spec,
+            micro_batch_size=b,
+            tp=tp,
+            dtype_bytes=cluster.dtype_bytes,
+            hbm_bandwidth=cluster.hbm_bandwidth,
+        )
+        extra = {"none": 0.0, "selective": mf, "full": mf}[cfg.recompute]  # re-run in the backward
+        fwd, bwd = fwd + layers * mf, bwd + layers * (mb + extra)
+    if last:
+        hf, hb = head_flops(spec, micro_batch_size=b)
+        fwd, bwd = fwd + hf / rate, bwd + hb / rate
+    return fwd, bwd
+
+
+def stage_costs(
+    cfg: TrialConfig,
+    cluster: ClusterSpec,
+    *,
+    profile: Profile | None = None,
+    placement: Placement | None = None,
+) -> list[StageCosts]:
+    """Per-stage durations and sizes of `cfg` on `cluster` (one entry per pipeline stage).
+
+    - fwd/bwd: compute (profile or roofline) + the tensor-parallel all-reduces (2 per layer in
+      forward, 2 in backward, 2 more with full recompute; b*s*h elements each, ring over the tp
+      group's link);
+    - send_act: one activation (b*s*h elements) to the next stage over their link;
+    - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
+    - tail: the data-parallel all-reduce of the stage's fp32 gradients plus the optimizer step;
+    - act_bytes: saved bytes of one micro-batch; static_bytes: parameters x bytes_per_param.
+    """
+    # A CPU runs any number of ranks (processes share its cores; the sharing is not modelled):
+    # on a one-node CPU cluster every pair of distinct ranks talks over its one link.
+    oversubscribed = cfg.world_size > cluster.world_size and cluster.device == "cpu" and cluster.nodes == 1
+    if cfg.world_size > cluster.world_size and not oversubscribed:
+        raise ConfigError(
+            "--cluster",
+            f"the configuration needs tp x pp x dp = {cfg.world_size} devices; {cluster.name} has "
+            f"{cluster.world_size}",
+        )
+    place = placement or default_placement(cfg)
+
+    def link(a: int, b: int) -> tuple[float, float]:
+        if oversubscribed:
+            return (cluster.intra_bandwidth, cluster.intra_latency) if a != b else (math.inf, 0.0)
+        return link_between(cluster, a, b)
+
+    def group_link(devices: list[int]) -> tuple[float, float]:
+        if oversubscribed:
+            return cluster.intra_bandwidth, cluster.intra_latency
+        return _group_link(cluster, devices)
+
+    spec, p, b, tp = cfg.model, cfg.pp, cfg.micro_batch_size, cfg.tp
+    d = cluster.dtype_bytes
+    layers = spec.num_layers // p
+    hidden_bytes = b * spec.seq_len * spec.hidden_size * d
+    out: list[StageCosts] = []
+    for s in range(p):
+        first, last = s == 0, s == p - 1
+        if profile is not None:
+            fwd, bwd = _profile_times(profile, cfg, layers=layers, first=first, last=last)
+        else:
+            fwd, bwd = _roofline_times(cfg, cluster, layers=layers, last=last)
+        if tp > 1:
+            bw, lat = group_link([place(s, 0, r) for r in range(tp)])
+            one = allreduce_time(hidden_bytes, tp, bw, lat)
+            fwd += layers * 2 * one
+            bwd += layers * (4 if cfg.recompute == "full" else 2) * one
+        send = 0.0
+        if not last:
+            send = transfer_time(hidden_bytes, *link(place(s, 0, 0), place(s + 1, 0, 0)))
+        act = activation_bytes(
+            spec,
+            stage=s,
+            num_stages=p,
+            micro_batch_size=b,
+            flash_attention=cfg.flash_attention,
+            recompute=cfg.recompute,
+            tp=tp,
+            dtype_bytes=d,
+        )
+        partner = p - 1 - s
+        evict = 0.0
+        if partner != s:
+            evict = transfer_time(act, *link(place(s, 0, 0), place(partner, 0, 0)))
+        params = stage_params(spec, stage=s, num_stages=p, tp=tp)
+        tail = params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
+        if cfg.dp > 1:
+            bw, lat = group_link([place(s, r, 0) for r in range(cfg.dp)])
+            tail += allreduce_time(params * GRAD_BYTES, cfg.dp, bw, lat)
+        out.append(
+            StageCosts(
+                fwd=fwd,
+                bwd=bwd,
+                send_act=send,
+                evict=evict,
+                act_bytes=act,
+                static_bytes=params * bytes_per_param(cluster),
+                tail=tail,
+            )
+        )
+    return out

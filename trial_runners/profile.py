@@ -1,0 +1,367 @@
+"""`autotune profile`: measure one layer, the embeddings and the head on this device.
+
+For each micro-batch size, flash attention on/off, recompute mode and thread count, three parts
+are run forward and backward on their own, as the real stage modules (`build_stage`):
+
+- "layer": the middle stage of a 3-stage split of the model cut to 3 layers, i.e. exactly one
+  block, fed hidden states (B, T, H) that require grad, as a middle pipeline stage is;
+- "embed": stage 0 of a 2-stage split with its block removed: token (and position) embeddings
+  only, fed int64 tokens (B, T);
+- "head": the last stage of a 2-stage split with its block removed: final norm, LM head and mean
+  cross-entropy, fed hidden states (B, T, H) and int64 targets with their own storage.
+
+Each part is timed directly (no subtraction), so no part's time is a difference of two noisy
+medians. Forward and backward are timed separately after `warmup` untimed runs, `repeats` times,
+and the median is kept; the backward of "layer" and "embed" gets a random output gradient, the
+head's is `loss.backward()`. Parameter gradients accumulate across repetitions, as across the
+micro-batches of a step. On CUDA the device is synchronised around every timed region.
+
+Activation bytes are counted by `ActivationTracker` exactly as the executor counts them (saved
+storages, parameters and buffers excluded). A block's count includes its saved input, which in
+a real stage is the previous block's (or the embeddings') output; the head's includes the last
+block's output (saved by the final norm) and the targets; the embeddings' is the saved token
+indices. So one micro-batch on a stage saves exactly embed (first stage) + layers x layer +
+head (last stage) bytes; tests check this against real stages.
+
+Communication: gloo point-to-point between two local processes (ping-pong of a small and a
+large tensor), giving latency and bandwidth for `cpu-local`; skipped (null) on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from autotune.config import DEVICES, RECOMPUTE, ModelSpec
+from autotune.errors import ConfigError
+from autotune.estimate.profiles import FORMAT, PARTS, VERSION, parse_profile
+from trial_runners.launch import _die_with_parent, worker_env
+from trial_runners.memory import ActivationTracker
+from trial_runners.models import StageModule, build_stage
+
+_ROOT = Path(__file__).resolve().parent.parent
+COMM_SIZES = {"small": 8, "medium": 4 * 2**20, "large": 32 * 2**20}  # bytes per ping-pong message
+
+
+def default_threads() -> list[int]:
+    """The thread counts the trial launcher gives ranks here: cpu_count // world_size, at least 1."""
+    cores = os.cpu_count() or 1
+    return sorted({max(1, cores // w) for w in range(1, cores + 1)})
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def part_module(
+    spec: ModelSpec, part: str, *, flash_attention: bool, recompute: str, device: torch.device
+) -> StageModule:
+    """The real stage module holding only `part` (see the module docstring)."""
+    kw: dict[str, Any] = {"flash_attention": flash_attention, "recompute": recompute, "device": device}
+    if part == "layer":
+        return build_stage(dataclasses.replace(spec, num_layers=3), stage=1, num_stages=3, **kw)
+    if part not in ("embed", "head"):
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    module = build_stage(
+        dataclasses.replace(spec, num_layers=2), stage=0 if part == "embed" else 1, num_stages=2, **kw
+    )
+    module.layers = nn.ModuleDict()  # embeddings or head alone
+    return module
+
+
+class _Part:
+    """One part's module and the inputs of a micro-batch of size b."""
+
+    def __init__(self, spec: ModelSpec, part: str, b: int, module: StageModule, device: torch.device):
+        self.part, self.module, self.device = part, module, device
+        self.shape = (b, spec.seq_len)
+        self.hidden = (b, spec.seq_len, spec.hidden_size)
+        self.vocab = spec.vocab_size
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.part == "embed":
+            return torch.randint(0, self.vocab, self.shape, device=self.device), None
+        x = torch.randn(self.hidden, device=self.device, requires_grad=True)
+        if self.part == "head":
+            return x, torch.randint(0, self.vocab, self.shape, device=self.device)  # own storage
+        return x, None
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        return self.module(x, targets)
+
+    def backward(self, out: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if grad is None:
+            out.backward()
+        else:
+            torch.autograd.backward(out, grad)
+
+    def activation_bytes(self) -> int:
+        tracker = ActivationTracker.for_module(self.module)
+        x, targets = self.inputs()
+        with tracker.capture(0):
+            out = self.forward(x, targets)
+        del out
+        return tracker.sizes.get(0, 0)
+
+
+def _timed(sync: Callable[[], None], fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - t0, result
+
+
+def _measure(p: _Part, *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Median forward and backward seconds."""
+    fwd: list[float] = []
+    bwd: list[float] = []
+    for i in range(warmup + repeats):
+        x, targets = p.inputs()
+        tf, out = _timed(sync, lambda x=x, targets=targets: p.forward(x, targets))  # type: ignore[misc]
+        grad = None if p.part == "head" else torch.randn_like(out)
+        tb, _ = _timed(sync, lambda out=out, grad=grad: p.backward(out, grad))  # type: ignore[misc]
+        del out, x, targets, grad
+        if i >= warmup:
+            fwd.append(tf)
+            bwd.append(tb)
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _describe(e: dict[str, Any]) -> str:
+    flash = "on " if e["flash_attention"] else "off"
+    return (
+        f"{e['part']:5s} mbs {e['micro_batch_size']} flash {flash} recompute {e['recompute']:9s} "
+        f"threads {e['threads']}: fwd {e['fwd_s'] * 1e3:.3f} ms, bwd {e['bwd_s'] * 1e3:.3f} ms, "
+        f"{e['activation_bytes']} activation bytes"
+    )
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_args(
+    micro_batch_sizes: list[int], device: str, threads: list[int], flash: list[bool], recompute: list[str]
+) -> None:
+    if not micro_batch_sizes:
+        raise ConfigError("--micro-batch-sizes", "needs at least one micro-batch size")
+    for b in micro_batch_sizes:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+            raise ConfigError("--micro-batch-sizes", f"must be positive integers, got {b!r}")
+    if device not in DEVICES:
+        raise ConfigError("--device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda was asked for but torch sees no GPU")
+    if not threads or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in threads):
+        raise ConfigError("--threads", f"must be positive integers, got {threads!r}")
+    if not flash or any(not isinstance(f, bool) for f in flash):
+        raise ConfigError("--flash-attention", f"must be a non-empty list of booleans, got {flash!r}")
+    if not recompute or any(r not in RECOMPUTE for r in recompute):
+        raise ConfigError("--recompute", f"must be among {', '.join(RECOMPUTE)}, got {recompute!r}")
+
+
+def run_profile(
+    spec: ModelSpec,
+    *,
+    micro_batch_sizes: list[int],
+    device: str = "cpu",
+    threads: list[int] | None = None,
+    flash: list[bool] = [True, False],  # noqa: B006 - read only
+    recompute: list[str] = ["none", "selective", "full"],  # noqa: B006 - read only
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: Callable[[str], None] | None = None,
+    comm: bool = True,
+) -> dict[str, Any]:
+    """Measure `spec`'s parts on this device; returns the profile as a JSON-able dict.
+
+    `threads` (CPU): torch thread counts to measure at; default `default_threads()`. On CUDA the
+    default is the current thread count only. `comm=False` skips the gloo measurement (null).
+    `progress` gets one line per measured (part, micro-batch size, flash, recompute, threads).
+    """
+    sizes = sorted(set(micro_batch_sizes))
+    if threads is None:
+        threads = default_threads() if device == "cpu" else [torch.get_num_threads()]
+    thread_counts = sorted(set(threads))
+    _check_args(sizes, device, thread_counts, list(flash), list(recompute))
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if device == "cuda" else (lambda: None)
+    entries: list[dict[str, Any]] = []
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        for fl in dict.fromkeys(flash):
+            for rc in dict.fromkeys(recompute):
+                modules = {
+                    part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
+                    for part in PARTS
+                }
+                for b in sizes:
+                    parts = {part: _Part(spec, part, b, m, dev) for part, m in modules.items()}
+                    nbytes = {part: p.activation_bytes() for part, p in parts.items()}
+                    for t in thread_counts:
+                        with _num_threads(t):
+                            for part, p in parts.items():
+                                fwd, bwd = _measure(p, warmup=warmup, repeats=repeats, sync=sync)
+                                entry = {
+                                    "part": part,
+                                    "micro_batch_size": b,
+                                    "flash_attention": fl,
+                                    "recompute": rc,
+                                    "threads": t,
+                                    "fwd_s": fwd,
+                                    "bwd_s": bwd,
+                                    "activation_bytes": nbytes[part],
+                                }
+                                entries.append(entry)
+                                if progress is not None:
+                                    progress(_describe(entry))
+                del modules, parts
+    finally:
+        torch.random.set_rng_state(rng)
+    comm_figures = None
+    if comm and device == "cpu":
+        comm_figures = measure_p2p()
+        if progress is not None:
+            progress(
+                f"gloo p2p: latency {comm_figures['p2p_latency'] * 1e6:.1f} us, "
+                f"bandwidth {comm_figures['p2p_bandwidth'] / 1e9:.2f} GB/s"
+            )
+    profile = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": {
+            "type": device,
+            "name": torch.cuda.get_device_name(dev) if device == "cuda" else cpu_name(),
+            "count": torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1),
+        },
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "model": spec.to_dict(),
+        "tp": 1,
+        "comm": comm_figures,
+        "entries": entries,
+    }
+    parse_profile(profile)  # the dict is exactly what load_profile accepts
+    return profile
+
+
+# -- gloo point-to-point ----------------------------------------------------------------------------
+
+
+def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -> dict[str, float]:
+    """Gloo send/recv between two local processes: {"p2p_bandwidth": B/s, "p2p_latency": s}.
+
+    Ping-pong (rank 0 sends, rank 1 sends it back) of an 8-byte tensor (4 x `repeats` times: it
+    is cheap and the noisiest), a 4 MiB and a 32 MiB one (`repeats` times), after `warmup` round
+    trips each; half the median round trip is the one-way time. latency = the 8-byte one-way
+    time; bandwidth = the slope between the two large sizes, (32 MiB - 4 MiB) / (t32 - t4), so
+    latency noise (on a busy machine, scheduler wake-ups of a few ms) cancels out.
+    """
+    with tempfile.TemporaryDirectory(prefix="autotune-profile-comm-") as tmp:
+        folder = Path(tmp)
+        env = worker_env(2, "cpu")
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for rank in range(2):
+                log = open(folder / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "trial_runners.profile", "p2p", tmp, str(rank)]
+                        + [str(warmup), str(repeats)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=str(_ROOT),
+                        preexec_fn=_die_with_parent,
+                    )
+                )
+                log.close()
+            deadline = time.monotonic() + timeout
+            for rank, proc in enumerate(procs):
+                try:
+                    code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"gloo p2p measurement did not finish within {timeout:g} s") from None
+                if code != 0:
+                    tail = (folder / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+                    raise RuntimeError(
+                        f"gloo p2p measurement rank {rank} failed (exit {code}): {tail[-1] if tail else ''}"
+                    )
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        one_way = json.loads((folder / "p2p.json").read_text())
+    latency = max(one_way["small"], 1e-9)
+    extra = COMM_SIZES["large"] - COMM_SIZES["medium"]
+    slope = one_way["large"] - one_way["medium"]
+    # Where noise swamped the difference, the large message's average rate instead.
+    bandwidth = extra / slope if slope > 0 else COMM_SIZES["large"] / one_way["large"]
+    return {"p2p_bandwidth": bandwidth, "p2p_latency": latency}
+
+
+def _p2p_worker(folder: str, rank: int, warmup: int, repeats: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    try:
+        out: dict[str, float] = {}
+        for name, nbytes in COMM_SIZES.items():
+            reps = 4 * repeats if name == "small" else repeats
+            buf = torch.zeros(nbytes, dtype=torch.uint8)
+            times = []
+            for i in range(warmup + reps):
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            out[name] = statistics.median(times) / 2
+        dist.barrier()
+        if rank == 0:
+            (Path(folder) / "p2p.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "p2p":
+        _p2p_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        sys.exit("usage: python -m trial_runners.profile p2p FOLDER RANK WARMUP REPEATS")
