@@ -24,9 +24,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.config import TrialConfig, load_model
+from autotune.config import TrialConfig, load_model, model_flops_per_token
 from trial_runners.launch import run_job, summarize
-from trial_runners.models import model_flops_per_token
 
 SCHEDULES = ("1f1b", "bpipe")
 TIME_TARGET = 1.05  # bpipe / 1f1b step time

@@ -348,25 +348,3 @@ def build_full_model(
         device=device,
         dtype=dtype,
     )
-
-
-def model_flops_per_token(spec: ModelSpec, *, recompute: str) -> float:
-    """Training FLOPs per token (forward + backward), PaLM-style.
-
-    6*N + 12*L*h*s, where N = non-embedding parameters plus the LM head (token and position
-    embeddings are lookups, not matmuls) and 12*L*h*s is attention's QK^T and AV (4*h*s per
-    layer and token forward, x3 for training; causal masking is not discounted). Recompute adds
-    the FLOPs actually re-run (hardware FLOPs, not MFU's model FLOPs): "full" runs the forward
-    twice, so x 8/6; "selective" re-runs the attention core: + 4*L*h*s.
-    """
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
-    h, s, L = spec.hidden_size, spec.seq_len, spec.num_layers
-    embeddings = spec.vocab_size * h + (s * h if spec.family == "gpt" else 0)
-    n = spec.num_params() - embeddings
-    flops = 6.0 * n + 12.0 * L * h * s
-    if recompute == "full":
-        return flops * 8.0 / 6.0
-    if recompute == "selective":
-        return flops + 4.0 * L * h * s
-    return flops

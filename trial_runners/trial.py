@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune.config import TrialConfig
+from autotune.config import TrialConfig, model_flops_per_token
 from trial_runners.launch import run_job, summarize
-from trial_runners.models import model_flops_per_token
 
 # Dense peak FLOP/s by device name fragment, for the precision trials run in (fp32 today).
 _PEAK_FP32 = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}

@@ -15,6 +15,7 @@ measurements is expected to replace them.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from autotune.errors import ConfigError
 from autotune.estimate.activations import activation_bytes
 from autotune.estimate.clusters import ClusterSpec, link_between, node_of
 from autotune.estimate.simulate import StageCosts
+from autotune.placement import layout_of
 
 __all__ = [
     "activation_bytes",
@@ -72,7 +74,16 @@ class ProfileEntry(Protocol):
 
 
 class Profile(Protocol):
-    def lookup(self, part: str, micro_batch_size: int, flash_attention: bool, recompute: str) -> Any: ...
+    device_type: str
+
+    def lookup(
+        self,
+        part: str,
+        micro_batch_size: int,
+        flash_attention: bool,
+        recompute: str,
+        threads: int | None = None,
+    ) -> Any: ...
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -180,10 +191,12 @@ def transfer_time(nbytes: float, bandwidth: float, latency: float) -> float:
 
 
 def default_placement(cfg: TrialConfig) -> Placement:
-    """The executor's layout: rank = (stage*dp + dp_rank)*tp + tp_rank (tp fastest, then dp, pp)."""
+    """The executor's layout (`autotune.placement`): tp fastest, then dp, then pipeline slots,
+    folded under BPipe so each pair shares a node."""
+    layout = layout_of(cfg)
 
     def place(stage: int, dp_rank: int, tp_rank: int) -> int:
-        return (stage * cfg.dp + dp_rank) * cfg.tp + tp_rank
+        return layout.rank(stage=stage, dp_rank=dp_rank, tp_rank=tp_rank)
 
     return place
 
@@ -208,12 +221,14 @@ def _profile_times(
     added by the caller); the embedding and head are replicated, so they are not rescaled.
     """
     key = (cfg.micro_batch_size, cfg.flash_attention, cfg.recompute)
-    layer = profile.lookup("layer", *key)
+    # On a CPU the launcher gives each rank cores // world_size threads: time at that count.
+    threads = max(1, (os.cpu_count() or 1) // cfg.world_size) if profile.device_type == "cpu" else None
+    layer = profile.lookup("layer", *key, threads=threads)
     scale = getattr(profile, "tp", 1) / cfg.tp
     fwd, bwd = layers * layer.fwd_s * scale, layers * layer.bwd_s * scale
     for part, present in (("embed", first), ("head", last)):
         if present:
-            entry = profile.lookup(part, *key)
+            entry = profile.lookup(part, *key, threads=threads)
             fwd, bwd = fwd + entry.fwd_s, bwd + entry.bwd_s
     return fwd, bwd
 

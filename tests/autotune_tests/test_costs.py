@@ -141,10 +141,19 @@ class _Entry:
 
 
 class _FakeProfile:
+    device_type = "cuda"
+
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def lookup(self, part: str, micro_batch_size: int, flash_attention: bool, recompute: str) -> _Entry:
+    def lookup(
+        self,
+        part: str,
+        micro_batch_size: int,
+        flash_attention: bool,
+        recompute: str,
+        threads: int | None = None,
+    ) -> _Entry:
         self.calls.append((part, micro_batch_size, flash_attention, recompute))
         return {"layer": _Entry(1.0, 2.0), "embed": _Entry(0.1, 0.2), "head": _Entry(0.5, 1.0)}[part]
 

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autotune.config import ModelSpec, load_model
+from autotune.config import ModelSpec, load_model, model_flops_per_token
 from trial_runners.data import batch_for_step, microbatch
-from trial_runners.models import build_full_model, build_stage, model_flops_per_token
+from trial_runners.models import build_full_model, build_stage
 from trial_runners.tensor_parallel import SHARD_DIM_ATTR
 
 FAMILIES = ["tiny-gpt", "tiny-llama"]
