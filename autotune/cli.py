@@ -59,20 +59,22 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def config_from_args(args: argparse.Namespace) -> TrialConfig:
-    """A validated TrialConfig from the common flags (raises ConfigError)."""
-    shape = {
-        k: getattr(args, k)
-        for k in (
-            "num_layers",
-            "hidden_size",
-            "num_heads",
-            "num_kv_heads",
-            "seq_len",
-            "vocab_size",
-            "ffn_hidden_size",
-        )
-    }
+_SHAPE = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "seq_len",
+    "vocab_size",
+    "ffn_hidden_size",
+)
+
+
+def config_from_args(args: argparse.Namespace, *, default_device: str | None = None) -> TrialConfig:
+    """A validated TrialConfig from the common flags (raises ConfigError).
+
+    Without --device: `default_device`, or cuda where a GPU is visible."""
+    shape = {k: getattr(args, k) for k in _SHAPE}
     model = load_model(args.model, **shape)
     cfg = TrialConfig(
         model=model,
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
         bpipe_cap=args.bpipe_cap,
     )
-    if args.device is None and _default_device() == "cuda":  # checked last: it imports torch
+    if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")
     return cfg
 
@@ -162,6 +164,84 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from autotune.estimate.clusters import load_cluster
+    from autotune.estimate.estimator import estimate
+    from autotune.estimate.profiles import load_profile
+
+    cfg = config_from_args(args, default_device="cpu")
+    profile = load_profile(args.profile, model=cfg.model, device=cfg.device) if args.profile else None
+    cluster = load_cluster(args.cluster, comm=profile.comm if profile else None)
+    if args.method not in ("ours", "paper"):
+        raise ConfigError("--method", f"must be ours or paper, got {args.method!r}")
+    result = estimate(cfg, cluster, profile=profile)
+    if args.method == "paper":
+        from autotune.estimate.paper import paper_estimate
+
+        result["paper"] = paper_estimate(cfg, cluster, profile=profile)
+    print(json.dumps(result) if args.json else format_estimate(result))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    shape = {k: getattr(args, k) for k in _SHAPE}
+    model = load_model(args.model, **shape)
+    try:
+        sizes = [int(x) for x in args.micro_batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(
+            "--micro-batch-sizes", f"expected positive integers such as 1,2,4, got {args.micro_batch_sizes!r}"
+        )
+    device = args.device or _default_device()
+    from autotune.estimate.profiles import save_profile
+    from trial_runners.profile import run_profile
+
+    def progress(line: str) -> None:
+        print(f"  {line}", file=sys.stderr, flush=True)
+
+    print(f"profiling {model.name} on {device} at micro-batch sizes {sizes}", file=sys.stderr)
+    profile = run_profile(model, micro_batch_sizes=sizes, device=device, progress=progress)
+    path = save_profile(profile, args.out)
+    print(
+        json.dumps({"out": str(path), "entries": len(profile["entries"])}) if args.json else f"wrote {path}"
+    )
+    return 0
+
+
+def format_estimate(result: dict[str, Any]) -> str:
+    """A short human-readable report of an estimate."""
+    cfg = result["config"]
+    mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
+    flash = "on" if cfg["flash_attention"] else "off"
+    lines = [
+        f"{cfg['model']} on {result['cluster']}  tp={cfg['tp']} pp={cfg['pp']} dp={cfg['dp']} "
+        f"mbs={cfg['micro_batch_size']} m={cfg['num_microbatches']} {cfg['schedule']} "
+        f"recompute={cfg['recompute']} flash={flash}  ({result['method']})",
+        f"step time {result['step_time_s']:.4g} s, {result['tokens_per_s']:.4g} tokens/s{mfu}, "
+        f"bubble {result['bubble_fraction']:.1%}, fits: {'yes' if result['fits'] else 'NO'} "
+        f"(limit {result['memory_limit_bytes'] / 2**30:.1f} GiB)",
+        f"{'stage':>5} {'activations GiB':>16} {'memory GiB':>11} {'evicted/step GiB':>17}",
+    ]
+    for st in result["stages"]:
+        act, mem, ev = (
+            st[k] / 2**30 for k in ("peak_activation_bytes", "peak_memory_bytes", "evicted_bytes")
+        )
+        lines.append(f"{st['stage']:>5} {act:>16.3f} {mem:>11.3f} {ev:>17.3f}")
+    paper = result.get("paper")
+    if paper and paper.get("baseline"):
+        base, theirs, ours = paper["baseline"], paper["paper"], paper["ours"]
+        lines.append(
+            f"BPipe vs 1F1B at micro-batch {base['micro_batch_size']} (the largest that fits 1F1B): "
+            f"paper's method {theirs['predicted_speedup']:.3f}x (MFU ratio {theirs['mfu_ratio']:.3f}, "
+            f"bubble ratio {theirs['bubble_ratio']:.3f}); ours {ours['predicted_speedup']:.3f}x"
+        )
+    elif paper:
+        lines.append(f"paper's method: {paper['reason']}")
+    return "\n".join(lines)
+
+
 def format_trial(result: dict[str, Any]) -> str:
     """A short human-readable report of a trial result."""
     cfg = result["config"]
@@ -199,6 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--timeout", type=float, default=600.0, help="seconds before the trial is killed")
     trial.add_argument("--data", default=None, help="a uint16 token file (nanoGPT style); default synthetic")
     trial.set_defaults(func=_cmd_trial)
+    est = sub.add_parser("estimate", help="predict a configuration's step time and memory without running it")
+    _add_config_flags(est)
+    est.add_argument(
+        "--cluster", default="cpu-local", help="a preset (a100-80g-8x8, h100-80g-8x2, cpu-local) or YAML"
+    )
+    est.add_argument(
+        "--profile", default=None, help="a profile written by `autotune profile` (default: roofline)"
+    )
+    est.add_argument(
+        "--method", default="ours", help="ours, or paper: also the seed paper's MFU-based estimate"
+    )
+    est.set_defaults(func=_cmd_estimate)
+    prof = sub.add_parser("profile", help="measure layer, embedding and head costs on this device")
+    prof.add_argument("--model", required=True)
+    for name in _SHAPE:
+        prof.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    prof.add_argument("--micro-batch-sizes", default="1,2,4")
+    prof.add_argument("--out", required=True, help="where to write the profile (JSON)")
+    prof.add_argument("--json", action="store_true")
+    prof.set_defaults(func=_cmd_profile)
     sched = sub.add_parser("schedule", help="print a schedule's per-stage programs as a grid")
     sched.add_argument("--schedule", default="1f1b")
     sched.add_argument("--pp", type=int, default=4)

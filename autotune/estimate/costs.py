@@ -67,14 +67,14 @@ OPTIMIZER_TRAFFIC_FACTOR = 2.0
 Placement = Callable[[int, int, int], int]  # (stage, dp_rank, tp_rank) -> device index
 
 
-class ProfileEntry(Protocol):
-    fwd_s: float
-    bwd_s: float
-    activation_bytes: int
-
-
 class Profile(Protocol):
-    device_type: str
+    """What the cost model reads of a profile (`autotune.estimate.profiles.Profile`)."""
+
+    @property
+    def device_type(self) -> str: ...
+
+    @property
+    def tp(self) -> int: ...
 
     def lookup(
         self,

@@ -1,0 +1,126 @@
+"""Predict a configuration without running it: costs -> schedule replay -> the contract's JSON.
+
+`estimate` replays one configuration with the event simulator (and can keep its timeline);
+`estimate_many` screens many at once: configurations that share a schedule are replayed
+together by the vectorised fast path. Both give the same numbers (tests check it).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from autotune.config import TrialConfig, model_flops_per_token
+from autotune.estimate.clusters import ClusterSpec
+from autotune.estimate.costs import stage_costs
+from autotune.estimate.fastpath import StageArrays, step_times
+from autotune.estimate.profiles import Profile
+from autotune.estimate.simulate import StageCosts, simulate
+from autotune.schedules import Schedule, generate
+from autotune.schedules.ir import Kind
+from autotune.schedules.memory import peak_resident
+
+
+def schedule_of(cfg: TrialConfig) -> Schedule:
+    return generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
+
+
+def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:
+    """The per-device memory a configuration must fit: `--memory-limit`, else the device's."""
+    return cfg.memory_limit or cluster.device_memory
+
+
+def stage_report(cfg: TrialConfig, schedule: Schedule, costs: Sequence[StageCosts]) -> list[dict[str, Any]]:
+    """Per-stage predicted memory, in the fields `autotune trial` measures."""
+    out = []
+    for s, cost in enumerate(costs):
+        partner = schedule.partner[s]
+        partner_bytes = costs[partner].act_bytes if partner is not None else 0
+        program = schedule.program(s)
+        peak = peak_resident(program, own=cost.act_bytes, partner=partner_bytes, cap=schedule.cap)
+        evictions = sum(1 for a in program if a.kind is Kind.EVICT)
+        out.append({
+            "stage": s,
+            "peak_activation_bytes": peak,
+            "peak_memory_bytes": peak + cost.static_bytes,
+            "evicted_bytes": evictions * cost.act_bytes,
+        })  # fmt: skip
+    return out
+
+
+def _result(
+    cfg: TrialConfig,
+    cluster: ClusterSpec,
+    *,
+    step: float,
+    bubble: float,
+    stages: list[dict[str, Any]],
+    method: str,
+) -> dict[str, Any]:
+    tokens_per_s = cfg.tokens_per_step / step
+    flops = model_flops_per_token(cfg.model, recompute=cfg.recompute) * tokens_per_s
+    peak = cluster.peak_flops
+    cap = memory_cap(cfg, cluster)
+    return {
+        "config": cfg.to_dict(),
+        "cluster": cluster.name,
+        "step_time_s": step,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops / (peak * cfg.world_size) if peak else None,
+        "bubble_fraction": bubble,
+        "fits": all(st["peak_memory_bytes"] <= cap for st in stages),
+        "memory_limit_bytes": cap,
+        "stages": stages,
+        "method": method,
+    }
+
+
+def estimate(
+    cfg: TrialConfig, cluster: ClusterSpec, *, profile: Profile | None = None, record: bool = False
+) -> dict[str, Any]:
+    """The predicted step time, throughput, MFU, bubble and per-stage memory of `cfg`.
+
+    With `record`, the result also holds the simulated timeline (`timeline`: one span per
+    compute action, transfer and wait).
+    """
+    schedule = schedule_of(cfg)
+    costs = stage_costs(cfg, cluster, profile=profile)
+    sim = simulate(schedule, costs, record=record)
+    result = _result(
+        cfg, cluster, step=sim.step_time, bubble=sim.bubble_fraction,
+        stages=stage_report(cfg, schedule, costs), method="profile" if profile else "roofline",
+    )  # fmt: skip
+    result["exposed_transfer_s"] = sim.exposed_transfer
+    if record:
+        result["timeline"] = [span.__dict__ for span in sim.spans]
+    return result
+
+
+def estimate_many(
+    configs: Sequence[TrialConfig], cluster: ClusterSpec, *, profile: Profile | None = None
+) -> list[dict[str, Any]]:
+    """`estimate` for many configurations (no timelines), batched by schedule."""
+    groups: dict[Schedule, list[int]] = defaultdict(list)
+    schedules = [schedule_of(cfg) for cfg in configs]
+    for i, schedule in enumerate(schedules):
+        groups[schedule].append(i)
+    all_costs = [stage_costs(cfg, cluster, profile=profile) for cfg in configs]
+    out: list[dict[str, Any] | None] = [None] * len(configs)
+    method = "profile" if profile else "roofline"
+    for schedule, members in groups.items():
+        arrays = StageArrays.from_costs([all_costs[i] for i in members])
+        steps, bubbles = step_times(schedule, arrays)
+        for i, step, bubble in zip(members, steps, bubbles, strict=True):
+            stages = stage_report(configs[i], schedule, all_costs[i])
+            out[i] = _result(
+                configs[i], cluster, step=float(step), bubble=float(bubble), stages=stages, method=method
+            )
+    return [r for r in out if r is not None]
+
+
+def speedup(baseline: dict[str, Any], other: dict[str, Any]) -> float:
+    """How much faster `other` trains than `baseline` (tokens/s ratio)."""
+    return float(np.float64(other["tokens_per_s"]) / baseline["tokens_per_s"])
