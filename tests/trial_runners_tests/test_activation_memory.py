@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from autotune.estimate.clusters import load_cluster
+from autotune.estimate.estimator import estimate
 from autotune.schedules import default_cap, generate
 from autotune.schedules.memory import peak_resident
 from tests.trial_runners_tests.pipeline_cases import Case, RunResult, matrix_cases, memory_cases
@@ -84,3 +86,20 @@ def test_explicit_attention_keeps_the_s2_term(matrix_runs) -> None:
     # The softmax output (a*s^2 fp32 per layer) is what SDPA does not keep (it keeps a*s log-sum-exps).
     assert explicit - flash >= layers * heads * s * (s - 1) * 4
     assert full < flash
+
+
+def test_estimator_predicts_every_measured_peak_exactly(matrix_runs, memory_runs) -> None:
+    """`autotune estimate`'s per-stage activation peaks and evicted bytes are the executor's,
+    to the byte: both families, every schedule, recompute none/selective/full, flash on/off,
+    pp 1-4, tp 2 and dp 2."""
+    cluster = load_cluster("cpu-local")
+    for result in _all_runs(matrix_runs, memory_runs):
+        predicted = estimate(result.case.config(), cluster)["stages"]
+        for s, stage in enumerate(predicted):
+            measured = [r for r in result.ranks if r["stage"] == s]
+            assert stage["peak_activation_bytes"] == max(r["peak_activation_bytes"] for r in measured), (
+                f"{result.case} stage {s}"
+            )
+            assert stage["evicted_bytes"] == max(r["evicted_bytes"] for r in measured), (
+                f"{result.case} stage {s}"
+            )

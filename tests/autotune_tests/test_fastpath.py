@@ -1,0 +1,49 @@
+"""The vectorised fast path gives the simulator's numbers, for any per-stage costs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autotune.config import TrialConfig, load_model
+from autotune.estimate.clusters import load_cluster
+from autotune.estimate.estimator import estimate, estimate_many
+from autotune.estimate.fastpath import StageArrays, step_times
+from autotune.estimate.simulate import StageCosts, simulate
+from autotune.schedules import generate
+
+
+@pytest.mark.parametrize("name", ["1f1b", "gpipe", "bpipe"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 8])
+def test_matches_the_simulator_on_random_costs(name: str, p: int) -> None:
+    rng = np.random.default_rng(p)
+    for m in (p, 2 * p + 1, 4 * p):
+        schedule = generate(name, p, m)
+        rows = [
+            [StageCosts(fwd=rng.uniform(0.5, 2), bwd=rng.uniform(1, 4), send_act=rng.uniform(0, 1),
+                        evict=rng.uniform(0, 4), tail=rng.uniform(0, 1)) for _ in range(p)]
+            for _ in range(8)
+        ]  # fmt: skip
+        steps, bubbles = step_times(schedule, StageArrays.from_costs(rows))
+        for row, step, bubble in zip(rows, steps, bubbles, strict=True):
+            sim = simulate(schedule, row)
+            assert step == pytest.approx(sim.step_time, rel=1e-12)
+            assert bubble == pytest.approx(sim.bubble_fraction, abs=1e-12)
+
+
+def test_estimate_many_equals_estimate() -> None:
+    cluster = load_cluster("a100-80g-8x2")
+    model = load_model("gpt3-65b", num_layers=16)
+    configs = [
+        TrialConfig(model=model, tp=tp, pp=pp, dp=16 // (tp * pp), micro_batch_size=b, global_batch_size=128,
+                    schedule=schedule, recompute=recompute, flash_attention=flash)
+        for tp in (2, 8) for pp in (1, 2, 8) for b in (1, 2) for schedule in ("1f1b", "gpipe", "bpipe")
+        for recompute in ("none", "full") for flash in (True, False) if 16 % (tp * pp) == 0
+    ]  # fmt: skip
+    many = estimate_many(configs, cluster)
+    assert len(many) == len(configs)
+    for cfg, fast in zip(configs, many, strict=True):
+        slow = estimate(cfg, cluster)
+        assert fast["step_time_s"] == pytest.approx(slow["step_time_s"], rel=1e-12)
+        assert fast["bubble_fraction"] == pytest.approx(slow["bubble_fraction"], abs=1e-12)
+        assert fast["stages"] == slow["stages"] and fast["fits"] == slow["fits"]
