@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from autotune.estimate.profiles import Profile
 from autotune.estimate.simulate import StageCosts, simulate
 from autotune.schedules import Schedule, generate
 from autotune.schedules.ir import Kind
-from autotune.schedules.memory import peak_resident
+from autotune.schedules.memory import peak_candidates
 
 
 def schedule_of(cfg: TrialConfig) -> Schedule:
@@ -33,15 +34,32 @@ def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:
     return cfg.memory_limit or cluster.device_memory
 
 
-def stage_report(cfg: TrialConfig, schedule: Schedule, costs: Sequence[StageCosts]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Shape:
+    """What the memory report needs of a schedule, computed once per schedule."""
+
+    peaks: tuple[tuple[tuple[int, int], ...], ...]  # per stage: (own, partner) counts that can peak
+    evictions: tuple[int, ...]
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> _Shape:
+        return cls(
+            peaks=tuple(peak_candidates(prog, schedule.cap) for prog in schedule.programs),
+            evictions=tuple(sum(1 for a in prog if a.kind is Kind.EVICT) for prog in schedule.programs),
+        )
+
+
+def stage_report(
+    schedule: Schedule, costs: Sequence[StageCosts], shape: _Shape | None = None
+) -> list[dict[str, Any]]:
     """Per-stage predicted memory, in the fields `autotune trial` measures."""
+    shape = shape or _Shape.of(schedule)
     out = []
     for s, cost in enumerate(costs):
         partner = schedule.partner[s]
         partner_bytes = costs[partner].act_bytes if partner is not None else 0
-        program = schedule.program(s)
-        peak = peak_resident(program, own=cost.act_bytes, partner=partner_bytes, cap=schedule.cap)
-        evictions = sum(1 for a in program if a.kind is Kind.EVICT)
+        peak = max(a * cost.act_bytes + b * partner_bytes for a, b in shape.peaks[s])
+        evictions = shape.evictions[s]
         out.append({
             "stage": s,
             "peak_activation_bytes": peak,
@@ -91,7 +109,7 @@ def estimate(
     sim = simulate(schedule, costs, record=record)
     result = _result(
         cfg, cluster, step=sim.step_time, bubble=sim.bubble_fraction,
-        stages=stage_report(cfg, schedule, costs), method="profile" if profile else "roofline",
+        stages=stage_report(schedule, costs), method="profile" if profile else "roofline",
     )  # fmt: skip
     result["exposed_transfer_s"] = sim.exposed_transfer
     if record:
@@ -113,8 +131,9 @@ def estimate_many(
     for schedule, members in groups.items():
         arrays = StageArrays.from_costs([all_costs[i] for i in members])
         steps, bubbles = step_times(schedule, arrays)
+        shape = _Shape.of(schedule)
         for i, step, bubble in zip(members, steps, bubbles, strict=True):
-            stages = stage_report(configs[i], schedule, all_costs[i])
+            stages = stage_report(schedule, all_costs[i], shape)
             out[i] = _result(
                 configs[i], cluster, step=float(step), bubble=float(bubble), stages=stages, method=method
             )

@@ -15,6 +15,7 @@ with each stage's bytes per micro-batch, exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from autotune.schedules.ir import Action, Kind
@@ -65,4 +66,16 @@ def peak_resident(
     program: Sequence[Action], *, own: int = 1, partner: int = 1, cap: int | None = None
 ) -> int:
     """The most the stage holds at any point of `program`."""
-    return max(resident_trace(program, own=own, partner=partner, cap=cap), default=0)
+    return max((a * own + b * partner for a, b in peak_candidates(tuple(program), cap)), default=0)
+
+
+@functools.lru_cache(maxsize=65536)
+def peak_candidates(program: tuple[Action, ...], cap: int | None) -> tuple[tuple[int, int], ...]:
+    """The (own, partner) micro-batch counts the stage holds at some point, keeping only those
+    that can be the peak for some non-negative sizes (so a peak costs a few multiplications)."""
+    own_trace = resident_trace(program, own=1, partner=0, cap=cap)
+    partner_trace = resident_trace(program, own=0, partner=1, cap=cap)
+    points = set(zip(own_trace, partner_trace, strict=True)) or {(0, 0)}
+    return tuple(
+        sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points))
+    )
