@@ -7,6 +7,7 @@ together by the vectorised fast path. Both give the same numbers (tests check it
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,12 @@ from autotune.schedules.memory import peak_candidates
 
 
 def schedule_of(cfg: TrialConfig) -> Schedule:
-    return generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
+    return _schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _schedule(name: str, pp: int, m: int, cap: int | None) -> Schedule:
+    return generate(name, pp, m, cap=cap)
 
 
 def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:

@@ -57,7 +57,7 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
             while pc[s] < len(program):
                 action = program[pc[s]]
                 release = releases[s][pc[s]]
-                waits = needed_transfers(schedule, s, action, outgoing[s] if release else [], set(posted))
+                waits = needed_transfers(schedule, s, action, outgoing[s] if release else [], posted)
                 if any(posted.get(key, 0) < 2 for key in waits):
                     break
                 if release:

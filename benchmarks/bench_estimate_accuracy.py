@@ -1,0 +1,312 @@
+"""Predicted against measured step time on this CPU: the estimator with a fresh profile vs real trials.
+
+    python -m benchmarks.bench_estimate_accuracy [--quick] [--hidden-size 128 --num-layers 4 --seq-len 64 ...]
+
+First `trial_runners.profile.run_profile` measures the model's parts (layer, embed, head) at
+micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every thread
+count the launcher gives ranks here, plus gloo point-to-point latency and bandwidth; the
+profile goes through `save_profile` / `load_profile` as a file would. Then each configuration
+(world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute none/full, one
+global batch for all, so their step times compare) is predicted with
+`estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)` and measured
+with real trials: one `run_job` per world size runs all its configurations on the same ranks,
+`--reps` times, in alternating order (forward, then reversed), and `summarize` gives each run's
+step time (median of its measured steps, slowest rank); a configuration's measured time is the
+median of its runs' step times.
+
+Printed: per configuration the predicted and measured ms and the error; the predicted time's
+parts (the simulated pipeline of forwards, backwards and transfers, and the `tail`, the
+modelled optimizer step); the mean absolute error (target <= 10 %) and whether the
+configuration measured fastest is also predicted fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.config import ModelSpec, TrialConfig, load_model, model_flops_per_token
+from autotune.estimate.clusters import load_cluster
+from autotune.estimate.costs import stage_costs
+from autotune.estimate.estimator import estimate
+from autotune.estimate.profiles import Profile, load_profile, save_profile
+from trial_runners.launch import run_job, summarize
+from trial_runners.profile import run_profile
+
+MAE_TARGET = 10.0  # percent
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+RECOMPUTE = ("none", "full")
+
+# (pp, micro-batch size, schedule, recompute): every schedule, pp 1 and 2, micro-batch 1-8.
+FULL_SET = (
+    (1, 1, "1f1b", "none"),
+    (1, 2, "1f1b", "none"),
+    (1, 4, "1f1b", "none"),
+    (1, 8, "1f1b", "none"),
+    (1, 2, "gpipe", "full"),
+    (1, 8, "1f1b", "full"),
+    (2, 1, "1f1b", "none"),
+    (2, 2, "1f1b", "none"),
+    (2, 4, "1f1b", "none"),
+    (2, 8, "1f1b", "none"),
+    (2, 2, "gpipe", "none"),
+    (2, 8, "gpipe", "none"),
+    (2, 4, "gpipe", "full"),
+    (2, 2, "bpipe", "none"),
+    (2, 4, "bpipe", "none"),
+    (2, 8, "bpipe", "full"),
+    (2, 1, "1f1b", "full"),
+    (2, 4, "1f1b", "full"),
+)
+QUICK_SET = (
+    (1, 1, "1f1b", "none"),
+    (1, 4, "1f1b", "none"),
+    (1, 8, "1f1b", "none"),
+    (1, 2, "gpipe", "full"),
+    (1, 8, "1f1b", "full"),
+    (2, 1, "1f1b", "none"),
+    (2, 4, "1f1b", "none"),
+    (2, 8, "1f1b", "none"),
+    (2, 2, "gpipe", "none"),
+    (2, 4, "gpipe", "full"),
+    (2, 4, "bpipe", "none"),
+    (2, 8, "bpipe", "full"),
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str
+    hidden_size: int
+    num_layers: int
+    seq_len: int
+    ffn_hidden_size: int
+    global_batch_size: int
+    quick: bool
+    reps: int  # runs per configuration (alternating order)
+    steps: int  # measured steps per run (after one warm-up step)
+    profile_repeats: int
+    keep_profile: str | None
+
+
+@dataclass
+class Row:
+    cfg: TrialConfig
+    predicted: float
+    pipeline: float  # predicted step time without the tail
+    tail: float  # the modelled optimizer step (slowest stage's)
+    stage_fb: list[float]  # predicted fwd+bwd per micro-batch, per stage
+    runs: list[float] = field(default_factory=list)  # measured step time of each run
+
+    @property
+    def measured(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured * 100.0
+
+    def label(self) -> str:
+        c = self.cfg
+        return f"pp{c.pp} mbs{c.micro_batch_size} x{c.num_microbatches} {c.schedule} {c.recompute}"
+
+
+def spec_of(setup: Setup) -> ModelSpec:
+    return load_model(
+        setup.model,
+        hidden_size=setup.hidden_size,
+        num_layers=setup.num_layers,
+        seq_len=setup.seq_len,
+        ffn_hidden_size=setup.ffn_hidden_size,
+    )
+
+
+def make_profile(setup: Setup, spec: ModelSpec) -> Profile:
+    """Profile on this CPU, write it with save_profile and read it back with load_profile."""
+    data = run_profile(
+        spec,
+        micro_batch_sizes=list(MICRO_BATCH_SIZES),
+        flash=[True],
+        recompute=list(RECOMPUTE),
+        warmup=2,
+        repeats=setup.profile_repeats,
+    )
+    if setup.keep_profile:
+        path = save_profile(data, setup.keep_profile)
+        return load_profile(path, model=spec, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="autotune-bench-profile-") as tmp:
+        path = save_profile(data, Path(tmp) / "profile.json")
+        return load_profile(path, model=spec, device="cpu")
+
+
+def predict(cfg: TrialConfig, profile: Profile) -> Row:
+    cluster = load_cluster("cpu-local", comm=profile.comm)
+    result = estimate(cfg, cluster, profile=profile)
+    costs = stage_costs(cfg, cluster, profile=profile)
+    tails = [c.tail for c in costs]
+    step = float(result["step_time_s"])
+    return Row(cfg, step, step - max(tails), max(tails), [c.fwd + c.bwd for c in costs])
+
+
+def measure(setup: Setup, rows: list[Row], world_size: int) -> None:
+    """All configurations of one world size in one job: reps x (forward order, then reversed)."""
+    mine = [r for r in rows if r.cfg.world_size == world_size]
+    order: list[Row] = []
+    for rep in range(setup.reps):
+        order.extend(mine if rep % 2 == 0 else mine[::-1])
+    runs = [{"config": r.cfg.to_dict(), "steps": setup.steps, "seed": 0} for r in order]
+    outcome = run_job(runs, world_size=world_size, timeout=1800.0)
+    if outcome.status != "ok":
+        raise RuntimeError(
+            f"world size {world_size}: run {outcome.failed_run} ended {outcome.status}: {outcome.error}"
+        )
+    for row, ranks in zip(order, outcome.results, strict=True):
+        summary: dict[str, Any] = summarize(
+            row.cfg,
+            ranks,
+            flops_per_token=model_flops_per_token(row.cfg.model, recompute=row.cfg.recompute),
+            peak_flops=None,
+        )
+        row.runs.append(float(summary["step_time_s"]))
+
+
+def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> None:
+    cores = os.cpu_count() or 1
+    comm = profile.comm
+    print(
+        f"model {spec.name} hidden {spec.hidden_size} layers {spec.num_layers} seq {spec.seq_len} ffn "
+        f"{spec.ffn_hidden_size} vocab {spec.vocab_size}; global batch {setup.global_batch_size}; flash on; "
+        f"{cores} cores, threads per rank = {cores} // world size"
+    )
+    if comm is not None:
+        print(
+            f"profile: {len(profile.entries)} entries, threads {profile.thread_counts}; gloo p2p latency "
+            f"{comm.p2p_latency * 1e6:.1f} us, bandwidth {comm.p2p_bandwidth / 1e9:.2f} GB/s"
+        )
+    print(
+        f"measured: {setup.reps} runs per configuration (alternating order), {setup.steps} measured steps "
+        "each after one warm-up; a run's time is summarize's step_time_s, a configuration's the median"
+    )
+    print()
+    head = (
+        f"{'configuration':<28} {'pred ms':>8} {'meas ms':>8} {'err %':>7} {'spread ms':>13} "
+        f"{'pipe ms':>8} {'tail ms':>8} {'stage fwd+bwd per mb (ms)':>26}"
+    )
+    print(head)
+    for r in rows:
+        spread = f"{min(r.runs) * 1e3:.1f}-{max(r.runs) * 1e3:.1f}"
+        fb = " ".join(f"{x * 1e3:.2f}" for x in r.stage_fb)
+        print(
+            f"{r.label():<28} {r.predicted * 1e3:>8.1f} {r.measured * 1e3:>8.1f} {r.error:>+7.1f} "
+            f"{spread:>13} {r.pipeline * 1e3:>8.1f} {r.tail * 1e3:>8.2f} {fb:>26}"
+        )
+    print()
+    mae = statistics.fmean(abs(r.error) for r in rows)
+    bias = statistics.fmean(r.error for r in rows)
+    for w in sorted({r.cfg.world_size for r in rows}):
+        sub = [r for r in rows if r.cfg.world_size == w]
+        print(
+            f"world size {w}: {len(sub)} configurations, mean abs error "
+            f"{statistics.fmean(abs(r.error) for r in sub):.1f} %, "
+            f"mean signed error {statistics.fmean(r.error for r in sub):+.1f} %"
+        )
+    fastest_meas = min(rows, key=lambda r: r.measured)
+    fastest_pred = min(rows, key=lambda r: r.predicted)
+    same = fastest_meas is fastest_pred
+    print(
+        f"mean absolute error {mae:.1f} % (signed {bias:+.1f} %) over {len(rows)} configurations "
+        f"(target <= {MAE_TARGET:g} %: {'met' if mae <= MAE_TARGET else 'NOT met'})"
+    )
+    print(
+        f"measured fastest: {fastest_meas.label()} ({fastest_meas.measured * 1e3:.1f} ms); "
+        f"predicted fastest: {fastest_pred.label()} (measured {fastest_pred.measured * 1e3:.1f} ms); same: "
+        f"{'yes (target met)' if same else 'NO (target not met)'}"
+    )
+    print(f"rank correlation (Spearman) of predicted and measured: {_spearman(rows):.3f}")
+
+
+def _spearman(rows: list[Row]) -> float:
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    a = ranks([r.predicted for r in rows])
+    b = ranks([r.measured for r in rows])
+    n = len(rows)
+    if n < 2:
+        return 1.0
+    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
+
+
+def parse_args(argv: list[str] | None = None) -> Setup:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_estimate_accuracy", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="12 configurations, fewer runs (a smoke test, < 90 s)"
+    )
+    p.add_argument("--model", default="tiny-gpt")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--ffn-hidden-size", type=int, default=512)
+    p.add_argument(
+        "--global-batch-size", type=int, default=16, help="sequences per step, every configuration"
+    )
+    p.add_argument(
+        "--reps", type=int, default=None, help="runs per configuration (default 4, 2 with --quick)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5, 3 quick)")
+    p.add_argument("--profile-repeats", type=int, default=None, help="profile repetitions (default 15, 7)")
+    p.add_argument("--keep-profile", default=None, help="also write the profile to this path")
+    a = p.parse_args(argv)
+    return Setup(
+        model=a.model,
+        hidden_size=a.hidden_size,
+        num_layers=a.num_layers,
+        seq_len=a.seq_len,
+        ffn_hidden_size=a.ffn_hidden_size,
+        global_batch_size=a.global_batch_size,
+        quick=a.quick,
+        reps=a.reps or (2 if a.quick else 4),
+        steps=a.steps or (3 if a.quick else 5),
+        profile_repeats=a.profile_repeats or (7 if a.quick else 15),
+        keep_profile=a.keep_profile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup = parse_args(argv)
+    spec = spec_of(setup)
+    cases = QUICK_SET if setup.quick else FULL_SET
+    cfgs = [
+        TrialConfig(
+            model=spec,
+            pp=pp,
+            micro_batch_size=b,
+            global_batch_size=setup.global_batch_size,
+            schedule=schedule,
+            recompute=recompute,
+            flash_attention=True,
+        )
+        for pp, b, schedule, recompute in cases
+    ]
+    profile = make_profile(setup, spec)
+    rows = [predict(cfg, profile) for cfg in cfgs]
+    for w in sorted({cfg.world_size for cfg in cfgs}):
+        measure(setup, rows, w)
+    report(setup, spec, profile, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
