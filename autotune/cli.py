@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from autotune.config import SCHEDULES, TrialConfig, check_bpipe_cap, load_model, parse_bytes
+from autotune.config import MODEL_FIELDS, SCHEDULES, TrialConfig, check_bpipe_cap, load_model, parse_bytes
 from autotune.errors import ConfigError
 
 
@@ -59,15 +59,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-_SHAPE = (
-    "num_layers",
-    "hidden_size",
-    "num_heads",
-    "num_kv_heads",
-    "seq_len",
-    "vocab_size",
-    "ffn_hidden_size",
-)
+_SHAPE = MODEL_FIELDS
 
 
 def config_from_args(args: argparse.Namespace, *, default_device: str | None = None) -> TrialConfig:

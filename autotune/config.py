@@ -25,8 +25,8 @@ SCHEDULES = ("1f1b", "gpipe", "bpipe")
 RECOMPUTE = ("none", "selective", "full")
 DEVICES = ("cpu", "cuda")
 
-# YAML key -> CLI flag, used to name fields in errors the way the user typed them.
-_MODEL_FIELDS = (
+# The shape fields of a model (YAML keys; the CLI flags are the same with dashes).
+MODEL_FIELDS = (
     "num_layers",
     "hidden_size",
     "num_heads",
@@ -66,7 +66,7 @@ class ModelSpec:
             raise ConfigError("family", f"must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in _MODEL_FIELDS:
+        for name in MODEL_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
@@ -143,7 +143,7 @@ def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
         text = resources.files("search_spaces").joinpath("models", f"{name_or_path}.yaml").read_text()
         data = _read_yaml(text, "--model")
         name = name_or_path
-    allowed = {"family", *_MODEL_FIELDS}
+    allowed = {"family", *MODEL_FIELDS}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(
@@ -153,13 +153,13 @@ def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
         raise ConfigError("--model", "model YAML must name its family (gpt or llama)")
     multi_head = data.get("num_kv_heads", data.get("num_heads")) == data.get("num_heads")
     for key, value in overrides.items():
-        if key not in _MODEL_FIELDS:
+        if key not in MODEL_FIELDS:
             raise ConfigError(flag(key), "is not a model shape field")
         if value is not None:
             data[key] = value
     if overrides.get("num_heads") is not None and overrides.get("num_kv_heads") is None and multi_head:
         data["num_kv_heads"] = 0  # a multi-head model stays multi-head with the new head count
-    missing = [k for k in _MODEL_FIELDS if k not in data and k != "num_kv_heads"]
+    missing = [k for k in MODEL_FIELDS if k not in data and k != "num_kv_heads"]
     if missing:
         raise ConfigError("--model", f"model YAML lacks {missing[0]!r}")
     return ModelSpec(name=str(name), **data)
@@ -318,7 +318,7 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         """The normalised config as contracts.md's `config` JSON field."""
         out: dict[str, Any] = {"model": self.model.name, "family": self.model.family}
-        out.update({k: getattr(self.model, k) for k in _MODEL_FIELDS})
+        out.update({k: getattr(self.model, k) for k in MODEL_FIELDS})
         for f in dataclasses.fields(self):
             if f.name not in ("model", "extra"):
                 out[f.name] = getattr(self, f.name)
@@ -332,7 +332,7 @@ class TrialConfig:
         model = ModelSpec(
             name=data.pop("model"),
             family=data.pop("family"),
-            **{k: data.pop(k) for k in _MODEL_FIELDS},
+            **{k: data.pop(k) for k in MODEL_FIELDS},
         )
         data.pop("world_size", None)
         return cls(model=model, **data)
