@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -157,6 +158,33 @@ def _describe(e: dict[str, Any]) -> str:
     )
 
 
+_BUSY = (
+    "import sys, torch\n"
+    "torch.set_num_threads(int(sys.argv[1]))\n"
+    "a = torch.randn(192, 192)\n"
+    "while True:\n"
+    "    a = torch.tanh(a @ a.T * 0.01)\n"
+)
+
+
+@contextlib.contextmanager
+def _companions(count: int, threads: int) -> Iterator[None]:
+    """`count` processes computing at `threads` threads each while the block runs."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUSY, str(threads)], preexec_fn=_die_with_parent,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(max(0, count))
+    ]  # fmt: skip
+    try:
+        if procs:
+            time.sleep(1.0)  # let them start computing
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def _num_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -219,33 +247,35 @@ def run_profile(
     rng = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        for fl in dict.fromkeys(flash):
-            for rc in dict.fromkeys(recompute):
-                modules = {
-                    part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
-                    for part in PARTS
-                }
-                for b in sizes:
-                    parts = {part: _Part(spec, part, b, m, dev) for part, m in modules.items()}
-                    nbytes = {part: p.activation_bytes() for part, p in parts.items()}
-                    for t in thread_counts:
-                        with _num_threads(t):
-                            for part, p in parts.items():
-                                fwd, bwd = _measure(p, warmup=warmup, repeats=repeats, sync=sync)
-                                entry = {
-                                    "part": part,
-                                    "micro_batch_size": b,
-                                    "flash_attention": fl,
-                                    "recompute": rc,
-                                    "threads": t,
-                                    "fwd_s": fwd,
-                                    "bwd_s": bwd,
-                                    "activation_bytes": nbytes[part],
-                                }
-                                entries.append(entry)
-                                if progress is not None:
-                                    progress(_describe(entry))
-                del modules, parts
+        for t in thread_counts:
+            # A trial runs cores // t ranks of t threads side by side; so does the profile, with
+            # companions keeping the other cores as busy as those ranks would.
+            companions = (os.cpu_count() or 1) // t - 1 if device == "cpu" else 0
+            with _companions(companions, t), _num_threads(t):
+                for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
+                    modules = {
+                        part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
+                        for part in PARTS
+                    }
+                    for b in sizes:
+                        parts = {part: _Part(spec, part, b, m, dev) for part, m in modules.items()}
+                        nbytes = {part: p.activation_bytes() for part, p in parts.items()}
+                        for part, p in parts.items():
+                            fwd, bwd = _measure(p, warmup=warmup, repeats=repeats, sync=sync)
+                            entry = {
+                                "part": part,
+                                "micro_batch_size": b,
+                                "flash_attention": fl,
+                                "recompute": rc,
+                                "threads": t,
+                                "fwd_s": fwd,
+                                "bwd_s": bwd,
+                                "activation_bytes": nbytes[part],
+                            }
+                            entries.append(entry)
+                            if progress is not None:
+                                progress(_describe(entry))
+                    del modules, parts
     finally:
         torch.random.set_rng_state(rng)
     comm_figures = None
