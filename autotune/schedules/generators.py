@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 
 from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner
-from autotune.schedules.memory import peak_resident
+from autotune.schedules.memory import peak_resident, release_points
 
 
 def gpipe_order(p: int, m: int, stage: int) -> Program:
@@ -122,9 +122,15 @@ def plan_evictions(order: Program, cap: int, *, hoist: bool = True) -> Program:
 
 
 def place_acceptor_actions(
-    evictor: Program, acceptor: Program, evictor_ends: list[float], acceptor_ends: list[float]
+    evictor: Program,
+    acceptor: Program,
+    evictor_ends: list[float],
+    acceptor_ends: list[float],
+    *,
+    lead: int = 0,
 ) -> Program:
-    """Put ST/RS on the acceptor at the last gap that is no later than the evictor's EV/LD.
+    """Put ST/RS on the acceptor at the last gap that is no later than the evictor's EV/LD;
+    a stash `lead` gaps earlier still, so its receive is posted before the eviction is sent.
 
     Gaps are the points between the acceptor's compute actions; `*_ends` are unit-time end
     times of each compute action (see `unit_timeline`).
@@ -145,6 +151,8 @@ def place_acceptor_actions(
     inserts: dict[int, list[Action]] = {}
     for time, act in events:
         gap = max(i for i, g in enumerate(gap_times) if g <= time) if time > 0 else 0
+        if act.kind is Kind.STASH:
+            gap = max(0, gap - lead)
         inserts.setdefault(gap, []).append(act)
     out: Program = []
     for i, action in enumerate(acceptor):
@@ -254,16 +262,25 @@ def _bpipe(orders: list[Program], cap: int) -> tuple[list[Program], list[int | N
         acceptor = partner[x]
         if acceptor is None or x > acceptor:
             continue
-        for hoist in (True, False):
+        for hoist, lead in ((True, 1), (True, 0), (False, 0)):
             planned = plan_evictions(orders[x], cap, hoist=hoist)
             if not any(a.kind is Kind.EVICT for a in planned):
                 break
-            pair = place_acceptor_actions(planned, orders[acceptor], ends[x], ends[acceptor])
-            if hoist and _pair_over_cap(planned, pair, cap):
+            pair = place_acceptor_actions(planned, orders[acceptor], ends[x], ends[acceptor], lead=lead)
+            if (hoist or lead) and _pair_over_cap(planned, pair, cap):
+                continue
+            if lead and _stash_waits(pair, cap):
                 continue
             result[x], result[acceptor] = planned, pair
             break
     return result, partner
+
+
+def _stash_waits(acceptor: Program, cap: int) -> bool:
+    """Whether posting a stash early would make the acceptor wait for a return to finish (a
+    release at an ST ties the acceptor to the evictor's progress)."""
+    releases = release_points(acceptor, cap)
+    return any(r and a.kind is Kind.STASH for a, r in zip(acceptor, releases, strict=True))
 
 
 def _pair_over_cap(evictor: Program, acceptor: Program, cap: int) -> bool:
