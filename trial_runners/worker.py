@@ -106,6 +106,7 @@ def _inject_fault(rank: int, step: int) -> None:
 
 
 def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> None:
+    """Build this rank's stage for one configuration, train it, and write its result file."""
     cfg = TrialConfig.from_dict(run["config"])
     me = Coords.of(rank, cfg)
     device = (
@@ -124,43 +125,73 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
     )
     schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)
-    params = list(module.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    static_bytes = 4 * param_bytes  # parameters, gradients, AdamW's two moments (fp32)
+    static_bytes = 4 * sum(p.numel() * p.element_size() for p in module.parameters())  # + grads, 2 moments
     tracker = ActivationTracker.for_module(module, static_bytes=static_bytes, limit=cfg.memory_limit)
-
     mb_bytes = _probe_microbatch_bytes(module, cfg, tracker, device)
-    all_bytes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_bytes, torch.tensor([mb_bytes], dtype=torch.long, device=device))
-    partner_stage = schedule.partner[me.pp]
-    partner = None if partner_stage is None else global_rank(cfg, tp=me.tp, dp=me.dp, pp=partner_stage)
-    links = StageLinks(
-        prev=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp - 1) if me.pp > 0 else None,
-        next=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp + 1) if me.pp < cfg.pp - 1 else None,
-        partner=partner,
-        partner_mb_bytes=int(all_bytes[partner].item()) if partner is not None else 0,
-    )
-    if partner is not None and me.pp < partner_stage:  # type: ignore[operator]
-        links = StageLinks(links.prev, links.next, partner, mb_bytes)  # evictor sends its own size
     executor = StageExecutor(
         module,
         schedule.program(me.pp),
         cap=schedule.cap,
         first=module.is_first,
         last=module.is_last,
-        links=links,
+        links=_links(cfg, me, schedule.partner[me.pp], mb_bytes, device),
         activation_shape=(cfg.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
         dtype=torch.float32,
         device=device,
         tracker=tracker,
         loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
     )
+    times, losses, evicted = _train(run, cfg, me, executor, dp_group, device)
+    result = {
+        "rank": rank,
+        "stage": me.pp,
+        "tp_rank": me.tp,
+        "dp_rank": me.dp,
+        "peak_activation_bytes": tracker.peak,
+        "static_bytes": static_bytes,
+        "microbatch_bytes": mb_bytes,
+        "evicted_bytes": evicted,
+        "step_times": times,
+        "losses": losses,
+        "device_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+    (out_dir / f"run{run_index}.rank{rank}.json").write_text(json.dumps(result))
+
+
+def _links(
+    cfg: TrialConfig, me: Coords, partner_stage: int | None, mb_bytes: int, device: torch.device
+) -> StageLinks:
+    """This rank's pipeline neighbours and BPipe partner; the pair's transfers carry micro-batches
+    of the evictor (the pair's earlier stage), whose size every rank shares here."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([mb_bytes], dtype=torch.long, device=device))
+    partner = None if partner_stage is None else global_rank(cfg, tp=me.tp, dp=me.dp, pp=partner_stage)
+    evictor = None
+    if partner is not None and partner_stage is not None:
+        evictor = me.rank if me.pp < partner_stage else partner
+    return StageLinks(
+        prev=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp - 1) if me.pp > 0 else None,
+        next=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp + 1) if me.pp < cfg.pp - 1 else None,
+        partner=partner,
+        partner_mb_bytes=int(sizes[evictor].item()) if evictor is not None else 0,
+    )
+
+
+def _train(
+    run: dict[str, Any],
+    cfg: TrialConfig,
+    me: Coords,
+    executor: StageExecutor,
+    dp_group: Any,
+    device: torch.device,
+) -> tuple[list[float], list[float], int]:
+    """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step)."""
+    params = list(executor.module.parameters())
     optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-3))
-    steps = int(run.get("steps", 3))
     times: list[float] = []
     losses: list[float] = []
     evicted = 0
-    for step in range(steps + 1):
+    for step in range(int(run.get("steps", 3)) + 1):
         tokens, targets = batch_for_step(
             cfg.model,
             seed=run.get("seed", 0),
@@ -177,7 +208,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
 
         dist.barrier()
         start = time.perf_counter()
-        _inject_fault(rank, step)
+        _inject_fault(me.rank, step)
         optimizer.zero_grad(set_to_none=True)
         loss, evicted = executor.run_step(batch)
         if dp_group is not None:
@@ -186,26 +217,13 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
             dist.all_reduce(loss_t, group=dp_group)
             loss = float(loss_t.item())
         if step == 0 and run.get("dump_dir"):
-            _dump_grads(module, Path(run["dump_dir"]) / f"rank{rank}.npz")
+            _dump_grads(executor.module, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss)
-    result = {
-        "rank": rank,
-        "stage": me.pp,
-        "tp_rank": me.tp,
-        "dp_rank": me.dp,
-        "peak_activation_bytes": tracker.peak,
-        "static_bytes": static_bytes,
-        "microbatch_bytes": mb_bytes,
-        "evicted_bytes": evicted,
-        "step_times": times,
-        "losses": losses,
-        "device_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-    }
-    (out_dir / f"run{run_index}.rank{rank}.json").write_text(json.dumps(result))
+    return times, losses, evicted
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
