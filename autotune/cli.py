@@ -170,7 +170,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if args.method == "paper":
         from autotune.estimate.paper import paper_estimate
 
-        result["paper"] = paper_estimate(cfg, cluster, profile=profile)
+        result["paper"] = paper_estimate(cfg, cluster, profile=profile, estimated=result)
     print(json.dumps(result) if args.json else format_estimate(result))
     return 0
 

@@ -58,16 +58,7 @@ _FIELDS = (
     "inter_latency",
     "dtype",
 )
-_DEVICE_KEYS = (
-    "device",
-    "device_memory",
-    "peak_flops",
-    "hbm_bandwidth",
-    "intra_bandwidth",
-    "intra_latency",
-    "inter_bandwidth",
-    "inter_latency",
-)
+_DEVICE_KEYS = tuple(f for f in _FIELDS if f not in ("name", "nodes", "devices_per_node", "dtype"))
 _PRESET = re.compile(r"^(?P<device>[a-z0-9-]+)-(?P<per>\d+)x(?P<nodes>\d+)$")
 
 

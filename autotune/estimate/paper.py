@@ -32,8 +32,9 @@ def _per_token_time(cfg: TrialConfig, cluster: ClusterSpec, profile: Profile | N
 
 def baseline_micro_batch(
     cfg: TrialConfig, cluster: ClusterSpec, profile: Profile | None
-) -> TrialConfig | None:
-    """The 1F1B configuration with the largest micro-batch <= cfg's that fits the memory."""
+) -> tuple[TrialConfig, dict[str, Any]] | None:
+    """The 1F1B configuration with the largest micro-batch <= cfg's that fits the memory, and
+    its estimate."""
     per_replica = cfg.global_batch_size // cfg.dp
     for b in range(cfg.micro_batch_size, 0, -1):
         if per_replica % b or per_replica // b < cfg.pp:
@@ -42,26 +43,33 @@ def baseline_micro_batch(
         base = dataclasses.replace(
             cfg, schedule="1f1b", micro_batch_size=b, num_microbatches=num, bpipe_cap=0
         )
-        if estimate(base, cluster, profile=profile)["fits"]:
-            return base
+        result = estimate(base, cluster, profile=profile)
+        if result["fits"]:
+            return base, result
     return None
 
 
 def paper_estimate(
-    cfg: TrialConfig, cluster: ClusterSpec, *, profile: Profile | None = None
+    cfg: TrialConfig,
+    cluster: ClusterSpec,
+    *,
+    profile: Profile | None = None,
+    estimated: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Both estimates of `cfg` (a BPipe configuration) against the best-fitting 1F1B one."""
+    """Both estimates of `cfg` (a BPipe configuration) against the best-fitting 1F1B one;
+    `estimated` is `estimate(cfg, ...)` where the caller already has it."""
     if cfg.schedule != "bpipe":
         raise ConfigError("--method", "paper compares a BPipe configuration with 1F1B: give --schedule bpipe")
-    base = baseline_micro_batch(cfg, cluster, profile)
-    if base is None:
+    found = baseline_micro_batch(cfg, cluster, profile)
+    if found is None:
         cap = memory_cap(cfg, cluster)
         return {"baseline": None, "reason": f"no 1F1B micro-batch size fits {cap} bytes per device"}
+    base, ours_base = found
+    ours = estimated or estimate(cfg, cluster, profile=profile)
     p = cfg.pp
     m0, m1 = base.num_microbatches, cfg.num_microbatches
     mfu_ratio = _per_token_time(base, cluster, profile) / _per_token_time(cfg, cluster, profile)
     bubble_ratio = (m1 / (m1 + p - 1)) / (m0 / (m0 + p - 1))
-    ours_base, ours = estimate(base, cluster, profile=profile), estimate(cfg, cluster, profile=profile)
     return {
         "baseline": base.to_dict(),
         "paper": {

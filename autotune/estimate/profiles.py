@@ -159,53 +159,7 @@ class Profile:
         else:
             below = [t for t in counts if t <= threads]
             chosen = below[-1] if below else counts[0]
-        by_size = by_threads[chosen]
-        b = micro_batch_size
-        if b in by_size:
-            return by_size[b]
-        sizes = sorted(by_size)
-        if len(sizes) == 1:
-            e = by_size[sizes[0]]
-            scale = b / e.micro_batch_size
-            return replace(
-                e,
-                micro_batch_size=b,
-                fwd_s=e.fwd_s * scale,
-                bwd_s=e.bwd_s * scale,
-                activation_bytes=round(e.activation_bytes * scale),
-                interpolated=True,
-            )
-        below = [s for s in sizes if s < b]
-        above = [s for s in sizes if s > b]
-        inside = bool(below and above)
-        if inside:  # interpolate between the neighbours on either side
-            near, other = by_size[below[-1]], by_size[above[0]]
-        elif above:  # extrapolate down from the two smallest
-            near, other = by_size[above[0]], by_size[above[1]]
-        else:  # extrapolate up from the two largest
-            near, other = by_size[below[-1]], by_size[below[-2]]
-
-        def line(y0: float, y1: float) -> float:
-            return y0 + (y1 - y0) * (b - near.micro_batch_size) / (
-                other.micro_batch_size - near.micro_batch_size
-            )
-
-        def time(y0: float, y1: float) -> float:
-            if inside:
-                return max(line(y0, y1), 0.0)
-            # Never below the nearest measurement's proportional share (going down) or below the
-            # nearest measurement itself (going up), whatever noise did to the slope.
-            floor = y0 * b / near.micro_batch_size if b < near.micro_batch_size else y0
-            return max(line(y0, y1), floor)
-
-        return replace(
-            near,
-            micro_batch_size=b,
-            fwd_s=time(near.fwd_s, other.fwd_s),
-            bwd_s=time(near.bwd_s, other.bwd_s),
-            activation_bytes=max(0, round(line(near.activation_bytes, other.activation_bytes))),
-            interpolated=True,
-        )
+        return _at_size(by_threads[chosen], micro_batch_size)
 
     def stage_activation_bytes(
         self,
@@ -242,6 +196,53 @@ class Profile:
 
 
 # -- parsing and checking -------------------------------------------------------------------------
+
+
+def _at_size(by_size: dict[int, ProfileEntry], b: int) -> ProfileEntry:
+    """The entry at micro-batch size `b`: measured, or interpolated as `Profile.lookup` says."""
+    if b in by_size:
+        return by_size[b]
+    sizes = sorted(by_size)
+    if len(sizes) == 1:
+        e = by_size[sizes[0]]
+        scale = b / e.micro_batch_size
+        return replace(
+            e,
+            micro_batch_size=b,
+            fwd_s=e.fwd_s * scale,
+            bwd_s=e.bwd_s * scale,
+            activation_bytes=round(e.activation_bytes * scale),
+            interpolated=True,
+        )
+    below = [s for s in sizes if s < b]
+    above = [s for s in sizes if s > b]
+    inside = bool(below and above)
+    if inside:  # interpolate between the neighbours on either side
+        near, other = by_size[below[-1]], by_size[above[0]]
+    elif above:  # extrapolate down from the two smallest
+        near, other = by_size[above[0]], by_size[above[1]]
+    else:  # extrapolate up from the two largest
+        near, other = by_size[below[-1]], by_size[below[-2]]
+
+    def line(y0: float, y1: float) -> float:
+        return y0 + (y1 - y0) * (b - near.micro_batch_size) / (other.micro_batch_size - near.micro_batch_size)
+
+    def time(y0: float, y1: float) -> float:
+        if inside:
+            return max(line(y0, y1), 0.0)
+        # Never below the nearest measurement's proportional share (going down) or below the
+        # nearest measurement itself (going up), whatever noise did to the slope.
+        floor = y0 * b / near.micro_batch_size if b < near.micro_batch_size else y0
+        return max(line(y0, y1), floor)
+
+    return replace(
+        near,
+        micro_batch_size=b,
+        fwd_s=time(near.fwd_s, other.fwd_s),
+        bwd_s=time(near.bwd_s, other.bwd_s),
+        activation_bytes=max(0, round(line(near.activation_bytes, other.activation_bytes))),
+        interpolated=True,
+    )
 
 
 def _bad(reason: str) -> ConfigError:

@@ -49,7 +49,8 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
                 dep = (s - 1, Kind.F, action.mb) if action.kind is Kind.F else (s + 1, Kind.B, action.mb)
                 if 0 <= dep[0] < p and dep not in done:
                     break
-                start = max(done.get(dep, 0.0), ends[s][cursor[s] - 1] or 0.0 if cursor[s] else 0.0)
+                previous = ends[s][cursor[s] - 1] if cursor[s] else None
+                start = max(done.get(dep, 0.0), previous or 0.0)
                 end = start + (fwd if action.kind is Kind.F else bwd)
                 ends[s][cursor[s]] = end
                 done[(s, action.kind, action.mb)] = end
@@ -135,7 +136,6 @@ def place_acceptor_actions(
     Gaps are the points between the acceptor's compute actions; `*_ends` are unit-time end
     times of each compute action (see `unit_timeline`).
     """
-    compute_ends: list[float] = []
     t = 0.0
     idx = 0
     events: list[tuple[float, Action]] = []
@@ -146,8 +146,7 @@ def place_acceptor_actions(
             continue
         kind = Kind.STASH if action.kind is Kind.EVICT else Kind.RESTORE
         events.append((t, Action(kind, action.mb)))
-    compute_ends = acceptor_ends
-    gap_times = [0.0, *compute_ends]  # gap i is before acceptor compute action i
+    gap_times = [0.0, *acceptor_ends]  # gap i is before acceptor compute action i
     inserts: dict[int, list[Action]] = {}
     for time, act in events:
         gap = max(i for i, g in enumerate(gap_times) if g <= time) if time > 0 else 0
@@ -240,8 +239,6 @@ def generate(name: str, num_stages: int, num_microbatches: int, *, cap: int | No
     if name == "bpipe":
         cap = cap or default_cap(p)
         orders, partner = _bpipe(orders, cap)
-    elif cap is None:
-        cap = None
     programs = insert_communication(orders)
     return Schedule(
         name=name,
