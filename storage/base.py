@@ -1,0 +1,132 @@
+"""The store's contract: a small abstract core, and conveniences built only on that core.
+
+Contract, for every backend:
+
+- Thread and process safety: any number of threads and processes may use stores opened on the
+  same URL at once; concurrent writers queue, none fails for contention.
+- Returned records are frozen snapshots (`storage.records`); no database object ever leaves
+  the store, and later writes never change a record already returned.
+- Every write is one transaction: it happens completely or not at all.
+- A finished trial is immutable: finishing it again raises `FinishedTrialError` and changes
+  nothing. A campaign killed at any moment therefore loses no finished trial; its running
+  trials are closed as failed ("interrupted") by `interrupt_running`.
+- Bad user input (a URL, a clashing study name) raises `StoreError`, one line, nothing written.
+  An unknown trial, study or fingerprint raises `NotFoundError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from types import TracebackType
+from typing import Any, Self
+
+from storage.records import INTERRUPTED, PredictionRecord, StudyRecord, TrialRecord
+
+
+class BaseStore(abc.ABC):
+    """What a store keeps: hardware, studies, predictions, trials, profiles and timelines."""
+
+    url: str
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def register_fingerprint(self, info: dict[str, Any]) -> str:
+        """Keep a hardware description (idempotent); returns its hash."""
+
+    @abc.abstractmethod
+    def create_study(
+        self, name: str, *, space: dict[str, Any], model: str, cluster: str, fingerprint: str
+    ) -> StudyRecord:
+        """Create a study, or return it if one with the same name and fields exists."""
+
+    @abc.abstractmethod
+    def studies(self) -> list[StudyRecord]: ...
+
+    @abc.abstractmethod
+    def save_predictions(self, study: str, rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Replace the study's predictions by `(config, predicted)` rows, best first."""
+
+    @abc.abstractmethod
+    def predictions(
+        self, study: str | None = None, *, model: str | None = None, cluster: str | None = None
+    ) -> list[PredictionRecord]:
+        """Predictions by study, then rank; filtered by the study's name, model or cluster."""
+
+    @abc.abstractmethod
+    def start_trial(
+        self,
+        study: str,
+        *,
+        config: dict[str, Any],
+        fingerprint: str,
+        predicted: dict[str, Any] | None = None,
+        optuna_number: int | None = None,
+        attempt: int = 1,
+        worker: str | None = None,
+    ) -> int:
+        """Record a running trial; returns its id."""
+
+    @abc.abstractmethod
+    def finish_trial(self, trial_id: int, result: dict[str, Any]) -> TrialRecord:
+        """Record the result JSON of `autotune trial` for a running trial, atomically."""
+
+    @abc.abstractmethod
+    def interrupt_running(self, study: str) -> list[TrialRecord]:
+        """Close the study's running trials as failed, error "interrupted"."""
+
+    @abc.abstractmethod
+    def trial(self, trial_id: int) -> TrialRecord: ...
+
+    @abc.abstractmethod
+    def trials(
+        self,
+        *,
+        study: str | None = None,
+        model: str | None = None,
+        cluster: str | None = None,
+        fingerprint: str | None = None,
+        status: str | None = None,
+        config_hash: str | None = None,
+    ) -> list[TrialRecord]:
+        """Trials matching every filter given, by id; model and cluster are the study's."""
+
+    @abc.abstractmethod
+    def save_profile(self, fingerprint: str, model: str, profile: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    def profile(self, fingerprint: str, model: str) -> dict[str, Any] | None:
+        """The latest profile of `model` on that hardware."""
+
+    @abc.abstractmethod
+    def save_timeline(self, trial_id: int, timeline: list[Any] | dict[str, Any]) -> None:
+        """Keep a trial's timeline, replacing any earlier one."""
+
+    @abc.abstractmethod
+    def timeline(self, trial_id: int) -> list[Any] | dict[str, Any] | None: ...
+
+    # Conveniences, built on the core above.
+
+    def study(self, name: str) -> StudyRecord | None:
+        return next((s for s in self.studies() if s.name == name), None)
+
+    def measured(self, config_hash: str, fingerprint: str) -> TrialRecord | None:
+        """The latest finished trial of a config on that hardware, in any study.
+
+        Trials cut short by an interrupted campaign say nothing about the config and are skipped.
+        """
+        done = [
+            t
+            for t in self.trials(config_hash=config_hash, fingerprint=fingerprint)
+            if t.finished and t.error != INTERRUPTED
+        ]
+        return max(done, key=lambda t: (t.finished_at, t.id), default=None)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,98 @@
+"""Frozen snapshots the store hands out, and the hashes that identify configs and hardware.
+
+Records are plain values: a caller can keep, compare and pickle them; they never refer back to
+the database, and changing the database never changes a record already returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+TRIAL_STATUSES = ("running", "ok", "oom", "failed", "timeout")
+FINISHED_STATUSES = TRIAL_STATUSES[1:]
+INTERRUPTED = "interrupted"
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value: sorted keys, no spaces, tuples as lists."""
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        default=json_default,
+    )
+
+
+def json_default(value: Any) -> Any:
+    """Numpy scalars (anything with `.item()`) as the Python number they hold."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of a normalised configuration dict."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def fingerprint_hash(info: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of a hardware description dict."""
+    return hashlib.sha256(canonical_json(info).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    name: str
+    space: dict[str, Any]
+    model: str
+    cluster: str
+    fingerprint: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    study: str
+    config: dict[str, Any]
+    config_hash: str
+    predicted: dict[str, Any]
+    rank: int
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as measured; `stages` holds one dict per pipeline stage, in stage order.
+
+    Each stage dict has `stage`, `peak_activation_bytes`, `peak_memory_bytes`, `evicted_bytes`
+    and `predicted_peak_memory_bytes` (None where nothing was predicted).
+    """
+
+    id: int
+    study: str
+    config: dict[str, Any]
+    config_hash: str
+    fingerprint: str
+    status: str
+    error: str | None
+    step_time_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    achieved_tflops: float | None
+    losses: list[float]
+    stages: list[dict[str, Any]]
+    predicted: dict[str, Any] | None
+    optuna_number: int | None
+    attempt: int
+    worker: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
