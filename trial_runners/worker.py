@@ -28,6 +28,7 @@ from autotune.placement import layout_of
 from autotune.schedules import generate, validate
 from trial_runners.data import batch_for_step, microbatch
 from trial_runners.executor import StageExecutor, StageLinks
+from trial_runners.faults import injected
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
 
@@ -89,20 +90,18 @@ def _probe_microbatch_bytes(
     return probe.sizes.get(0, 0)
 
 
-def _inject_fault(rank: int, step: int) -> None:
-    """Test hook: AUTOTUNE_INJECT_FAULT=crash@R|hang@R|error@R makes rank R misbehave at step 0."""
-    fault = os.environ.get("AUTOTUNE_INJECT_FAULT", "")
-    if not fault or step != 0:
-        return
-    kind, _, who = fault.partition("@")
-    if int(who or 0) != rank:
-        return
+def _inject_fault(config: dict[str, Any], rank: int, step: int) -> None:
+    """Test hook (see trial_runners.faults): make this rank crash, hang, raise or run out of
+    memory (through the same path as a real overrun of --memory-limit) at step 0."""
+    kind = injected(config, rank, ("crash", "hang", "error", "oom")) if step == 0 else None
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "hang":
         time.sleep(10**6)
     if kind == "error":
         raise RuntimeError("injected error")
+    if kind == "oom":
+        raise SimulatedOOM("injected: live memory would exceed the memory limit")
 
 
 def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> None:
@@ -208,7 +207,7 @@ def _train(
 
         dist.barrier()
         start = time.perf_counter()
-        _inject_fault(me.rank, step)
+        _inject_fault(run["config"], me.rank, step)
         optimizer.zero_grad(set_to_none=True)
         loss, evicted = executor.run_step(batch)
         if dp_group is not None:

@@ -1,0 +1,66 @@
+"""Ray dispatch on a real local Ray cluster: two nodes, placement groups, a lost worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from autotune.config import TrialConfig, load_model
+from trial_runners.dispatch import Finished, RayDispatcher
+
+
+def _config(**kw: object) -> dict:
+    return TrialConfig(model=load_model("tiny-gpt"), **kw).to_dict()  # type: ignore[arg-type]
+
+
+def _drain(d: RayDispatcher, limit: float = 240.0) -> list[Finished]:
+    out: list[Finished] = []
+    deadline = time.monotonic() + limit
+    while d.running and time.monotonic() < deadline:
+        out += d.wait(1.0)
+    assert not d.running, "trials did not finish"
+    return out
+
+
+@pytest.fixture
+def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(two_nodes: str) -> None:
+    """Each node has one CPU, so two one-rank trials at once must land on different nodes."""
+    with RayDispatcher(address=two_nodes) as d:
+        assert d.nodes() == 2
+        for key in range(2):
+            d.submit(key, _config(), steps=1, seed=key, timeout=120)
+        assert d.running == 2
+        done = _drain(d)
+    assert sorted(f.key for f in done) == [0, 1]
+    assert all(f.result["status"] == "ok" for f in done), [f.result["error"] for f in done]
+    nodes = {f.worker.split("/")[1] for f in done if f.worker}
+    assert len(nodes) == 2
+
+
+def test_a_lost_worker_is_retried_once_then_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTUNE_INJECT_FAULT", "lost@0:pp=2")
+    with RayDispatcher(num_cpus=2) as d:
+        d.submit("retried", _config(pp=2), steps=1, seed=0, timeout=120)
+        (once,) = _drain(d)
+    assert once.result["status"] == "ok" and once.attempt == 2
+    monkeypatch.setenv("AUTOTUNE_INJECT_FAULT", "lost@0:pp=2;lost@1:pp=2")
+    with RayDispatcher(num_cpus=2) as d:
+        d.submit("lost-twice", _config(pp=2), steps=1, seed=0, timeout=120)
+        (twice,) = _drain(d)
+    assert twice.result["status"] == "failed" and twice.attempt == 2
+    assert "worker lost" in twice.result["error"] and "after one retry" in twice.result["error"]
