@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", action="store_true", help="the round-trippable text form instead of the grid"
     )
     sched.set_defaults(func=_cmd_schedule)
+    from autotune.cli_campaign import add_parsers
+
+    add_parsers(sub, _Parser)
     return parser
 
 

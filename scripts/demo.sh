@@ -1,20 +1,16 @@
 #!/usr/bin/env bash
-# The main job (until campaigns land): a real 4-stage training trial of tiny-gpt under 1F1B
-# and under BPipe, first unconstrained, then with a memory cap between the two schedules'
-# stage-0 peaks, where 1F1B runs out of memory and BPipe trains.
+# The main job: a real, small tuning campaign on this CPU over search_spaces/demo-cpu.yaml.
+# Tier 1 screens every configuration with the estimator (after profiling the model once on
+# this machine); tier 2 runs real training trials through a local Ray, one at a time, chosen
+# by Optuna; every result lands in an SQLite file. It ends by printing the best configuration.
+# Rerunning resumes the study and answers measured configurations from the database.
+#   AUTOTUNE_STORAGE  database URL (default sqlite:///autotune.db in the working directory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-common=(--model tiny-gpt --pp 4 --num-microbatches 8 --steps 3)
-echo "== the BPipe schedule (4 stages, 8 micro-batches; cap 3 per stage)"
-autotune schedule --schedule bpipe --pp 4 --num-microbatches 8
-for schedule in 1f1b bpipe; do
-    echo; echo "== trial: $schedule"
-    autotune trial "${common[@]}" --schedule "$schedule"
-done
-limit=1560000
-for schedule in 1f1b bpipe; do
-    echo; echo "== trial: $schedule with --memory-limit $limit bytes per device"
-    autotune trial "${common[@]}" --schedule "$schedule" --memory-limit "$limit"
-done
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+storage=${AUTOTUNE_STORAGE:-sqlite:///autotune.db}
+autotune tune demo-cpu --storage "$storage" "$@"
+echo
+autotune best --storage "$storage" --study demo-cpu

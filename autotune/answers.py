@@ -1,0 +1,74 @@
+"""Answers from the store: the best configuration of a study, or of a model on a cluster.
+
+The best measured configuration wins; where nothing was measured, the best prediction is
+returned, flagged `measured=False` with no trial id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from autotune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """contracts.md's `autotune best` JSON: config, tokens_per_s, measured, trial_id (+ context)."""
+
+    config: dict[str, Any]
+    tokens_per_s: float | None
+    measured: bool
+    trial_id: int | None
+    objective: str
+    value: float
+    study: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _value(row: Any, objective: str) -> float | None:
+    value = getattr(row, objective, None) if not isinstance(row, dict) else row.get(objective)
+    return float(value) if value is not None else None
+
+
+def _pick(store: Any, trials: list[Any], predictions: list[Any], objective: str) -> BestConfig | None:
+    measured = [(v, t) for t in trials if t.status == "ok" and (v := _value(t, objective)) is not None]
+    if measured:
+        value, t = max(measured, key=lambda vt: vt[0])
+        return BestConfig(t.config, t.tokens_per_s, True, t.id, objective, value, t.study)
+    guesses = [(v, p) for p in predictions if (v := _value(p.predicted, objective)) is not None]
+    if guesses:
+        value, p = max(guesses, key=lambda vp: vp[0])
+        return BestConfig(p.config, p.predicted.get("tokens_per_s"), False, None, objective, value, p.study)
+    return None
+
+
+def best_config(
+    *, storage: str, study: str | None = None, model: str | None = None, cluster: str | None = None
+) -> BestConfig:
+    """The best configuration of `study`, or of `model` on `cluster`, in the store at `storage`."""
+    if not study and not (model and cluster):
+        raise ConfigError("--study", "give --study, or both --model and --cluster")
+    from storage import Store
+
+    with Store(storage, migrate=False) as store:
+        if study:
+            record = store.study(study)
+            if record is None:
+                raise ConfigError("--study", f"no study named {study!r} in {store.url}")
+            objective = record.space.get("objective", "tokens_per_s")
+            predictions = store.predictions(study)
+            wanted = {p.config_hash for p in predictions}
+            trials = [t for t in store.trials(fingerprint=record.fingerprint) if t.config_hash in wanted]
+            trials += [t for t in store.trials(study=study) if t.config_hash not in wanted]
+        else:
+            objective = "tokens_per_s"
+            predictions = store.predictions(model=model, cluster=cluster)
+            trials = store.trials(model=model, cluster=cluster)
+        best = _pick(store, trials, predictions, objective)
+    if best is None:
+        where = f"study {study!r}" if study else f"model {model!r} on cluster {cluster!r}"
+        raise ConfigError("--study" if study else "--model", f"nothing measured or predicted for {where}")
+    return best

@@ -1,0 +1,110 @@
+"""The campaign subcommands: `tune`, `best` and `db upgrade` (registered by autotune.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from autotune.errors import ConfigError
+
+DEFAULT_STORAGE = "sqlite:///autotune.db"
+
+
+def _duration(text: str) -> float:
+    from autotune.tuner.space import parse_duration
+
+    return parse_duration(text, "--timeout")
+
+
+def _positive(flag: str, value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise ConfigError(flag, f"must be a positive integer, got {value}")
+    return value
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from autotune.tuner.run import TuneOptions, tune
+
+    options = TuneOptions(
+        storage=args.storage,
+        study=args.study,
+        trials=_positive("--trials", args.trials),
+        timeout=_duration(args.timeout) if args.timeout else None,
+        patience=_positive("--patience", args.patience),
+        ray_address=args.ray_address,
+        rerun=args.rerun,
+        seed=args.seed,
+    )
+    log = sys.stderr if args.json else sys.stdout
+
+    def echo(line: str) -> None:
+        print(line, file=log, flush=True)
+
+    best = tune(args.space, options, echo=echo)
+    if args.json:
+        print(json.dumps(None if best is None else _record_json(best)))
+    return 0 if best is not None else 1
+
+
+def _record_json(rec: Any) -> dict[str, Any]:
+    return {
+        "config": rec.config, "tokens_per_s": rec.tokens_per_s, "measured": True, "trial_id": rec.id,
+        "study": rec.study, "step_time_s": rec.step_time_s, "mfu": rec.mfu,
+    }  # fmt: skip
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from autotune.answers import best_config
+    from autotune.tuner.campaign import describe
+
+    best = best_config(storage=args.storage, study=args.study, model=args.model, cluster=args.cluster)
+    if args.json:
+        print(json.dumps(best.to_dict()))
+        return 0
+    how = f"measured (trial {best.trial_id})" if best.measured else "predicted, not measured"
+    print(f"best: {describe(best.config)}  m={best.config['num_microbatches']}")
+    print(
+        f"      {best.value:,.4g} {best.objective}, {how}" + (f", study {best.study}" if best.study else "")
+    )
+    return 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from storage.migrate import current, upgrade
+
+    upgrade(args.storage)
+    print(f"{args.storage}: at revision {current(args.storage)}")
+    return 0
+
+
+def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    """Register `tune`, `best` and `db` on the main parser's subcommands."""
+    tune = sub.add_parser("tune", help="run (or resume) a tuning campaign over a search space")
+    tune.add_argument("space", help="a search space YAML (or a shipped space's name, e.g. demo-cpu)")
+    tune.add_argument("--storage", default=DEFAULT_STORAGE, help=f"database URL (default {DEFAULT_STORAGE})")
+    tune.add_argument("--study", default=None, help="study name (default: the space's name)")
+    tune.add_argument(
+        "--trials", type=int, default=None, help="real trials in the study (default: the space's)"
+    )
+    tune.add_argument("--timeout", default=None, help="wall time of this run, e.g. 90s, 30m, 8h")
+    tune.add_argument("--patience", type=int, default=None, help="stop after N trials without improvement")
+    tune.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray here)")
+    tune.add_argument("--resume", action="store_true", help="continue the study (rerunning does the same)")
+    tune.add_argument("--rerun", action="store_true", help="measure configurations the store already has")
+    tune.add_argument("--seed", type=int, default=0, help="sampler and data seed")
+    tune.add_argument("--json", action="store_true", help="progress on stderr, the best as JSON on stdout")
+    tune.set_defaults(func=_cmd_tune)
+    best = sub.add_parser("best", help="the best configuration in the store")
+    best.add_argument("--storage", default=DEFAULT_STORAGE)
+    best.add_argument("--study", default=None)
+    best.add_argument("--model", default=None)
+    best.add_argument("--cluster", default=None)
+    best.add_argument("--json", action="store_true")
+    best.set_defaults(func=_cmd_best)
+    db = sub.add_parser("db", help="database maintenance")
+    dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=parser_class)
+    up = dbsub.add_parser("upgrade", help="create or migrate autotune's tables to the latest revision")
+    up.add_argument("--storage", default=DEFAULT_STORAGE)
+    up.set_defaults(func=_cmd_db)

@@ -1,0 +1,1 @@
+"""The tuner: search spaces, screening by the estimator, and campaigns of real trials."""

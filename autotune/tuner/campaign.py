@@ -1,0 +1,288 @@
+"""A tuning campaign: Optuna proposes among the screened configurations, Ray runs the real
+trials, and every result is written to the store the moment it arrives.
+
+A killed campaign loses nothing that finished: each result is committed before the sampler
+hears of it. Rerunning the command resumes: trials the store still shows as running are
+marked failed ("interrupted") and queued again, and every configuration already measured on
+this hardware (in any study) is answered from the store instead of being run again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import optuna
+
+from autotune.tuner.calibration import Calibration
+from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of
+from autotune.tuner.study import abandon, open_study, params_of, skip, stale_numbers, tell
+from storage import Store, TrialRecord, config_hash
+
+MAX_IDLE_PROPOSALS = 25  # proposals without a new configuration before the tuner picks one itself
+
+
+class Dispatcher(Protocol):
+    @property
+    def running(self) -> int: ...
+
+    def submit(self, key: Any, config: dict[str, Any], *, steps: int, seed: int, timeout: float) -> None: ...
+    def wait(self, timeout: float) -> list[Any]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When to stop: real trials in the study, wall time, trials without improvement."""
+
+    trials: int | None = None
+    timeout: float | None = None
+    patience: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass
+class _Running:
+    trial: optuna.Trial
+    candidate: Candidate
+    started: float = field(default_factory=time.monotonic)
+
+
+class Campaign:
+    """One study's tier 2: propose, dispatch, record, until a limit or the space runs out."""
+
+    def __init__(
+        self, *, store: Store, study: str, screening: Screening, knobs: dict[str, tuple[Any, ...]],
+        fingerprint: str, objective: str, steps: int, trial_timeout: float, seed_top: int,
+        limits: Limits, rerun: bool = False, seed: int = 0, echo: Callable[[str], None] = print,
+    ) -> None:  # fmt: skip
+        self.store, self.name, self.fingerprint = store, study, fingerprint
+        self.candidates = screening.by_knobs()
+        self.ranked = [c.knobs for c in screening.fitting]
+        self.unfit = {c.knobs for c in screening.too_big}
+        self.knobs, self.objective = knobs, objective
+        self.steps, self.trial_timeout, self.seed_top = steps, trial_timeout, seed_top
+        self.limits, self.rerun, self.seed, self.echo = limits, rerun, seed, echo
+        self.running: dict[int, _Running] = {}
+        self.known: dict[tuple[Any, ...], TrialRecord] = {}
+        self.calibration = Calibration()
+        self.exhausted = False
+        self.durations: list[float] = []
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _open(self) -> optuna.Study:
+        study, self.distributions = open_study(self.store.url, self.name, self.knobs, seed=self.seed)
+        interrupted = self.store.interrupt_running(self.name)
+        for number in stale_numbers(study):
+            abandon(study, number)
+        for rec in interrupted:
+            study.enqueue_trial(params_of(knob_key(rec.config)), user_attrs={"requeued": rec.id})
+        if interrupted:
+            self.echo(f"resume: {len(interrupted)} interrupted trial(s) marked failed and queued again")
+        own = [t for t in self.store.trials(study=self.name) if t.finished and t.error != "interrupted"]
+        if not self.rerun:
+            mine = {config_hash(c.config.to_dict()): k for k, c in self.candidates.items()}
+            for rec in self.store.trials(fingerprint=self.fingerprint):
+                key = mine.get(rec.config_hash)
+                if key is not None and rec.finished and rec.error != "interrupted":
+                    self.known[key] = rec
+        for rec in own:
+            self.known[knob_key(rec.config)] = rec
+            self._calibrate(rec)
+        if own:
+            self.echo(f"resume: {len(own)} finished trial(s) of study {self.name!r} kept")
+        if not study.trials:
+            seeds = [k for k in self.ranked if k not in self.known][: self.seed_top]
+            for key in seeds:
+                study.enqueue_trial(params_of(key), user_attrs={"seeded": "top prediction"})
+        return study
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, dispatcher: Dispatcher) -> TrialRecord | None:
+        """Run until a limit is reached or every fitting configuration is known; the best."""
+        self.started = time.monotonic()
+        study = self._open()
+        finished_cleanly = False
+        try:
+            while True:
+                self._fill(study, dispatcher)
+                if not dispatcher.running:
+                    break
+                for done in dispatcher.wait(1.0):
+                    self._finish(study, done)
+            finished_cleanly = True
+        finally:
+            if not finished_cleanly:
+                dispatcher.close()
+                for rec in self.store.interrupt_running(self.name):
+                    self.echo(f"trial {rec.id} interrupted")
+                for number in stale_numbers(study):
+                    abandon(study, number)
+        self.echo(self._stop_reason())
+        return self.best()
+
+    def _capacity(self) -> int:
+        return self.limits.concurrency or 10**6
+
+    def _fill(self, study: optuna.Study, dispatcher: Dispatcher) -> None:
+        while dispatcher.running < self._capacity() and not self._stopping():
+            candidate, trial = self._propose(study)
+            if candidate is None or trial is None:
+                return
+            rec_id = self.store.start_trial(
+                self.name, config=candidate.config.to_dict(), fingerprint=self.fingerprint,
+                predicted=candidate.predicted, optuna_number=trial.number,
+            )  # fmt: skip
+            self.running[rec_id] = _Running(trial, candidate)
+            dispatcher.submit(
+                rec_id,
+                candidate.config.to_dict(),
+                steps=self.steps,
+                seed=self.seed,
+                timeout=self.trial_timeout,
+            )
+            self.echo(f"trial {rec_id} started: {describe(candidate.config.to_dict())}")
+
+    def _propose(self, study: optuna.Study) -> tuple[Candidate | None, optuna.Trial | None]:
+        """The next configuration to run, answering every other proposal on the spot."""
+        for _ in range(MAX_IDLE_PROPOSALS):
+            trial = study.ask(self.distributions)
+            key = knob_key(trial.params)
+            if self._answer(study, trial, key):
+                continue
+            return self.candidates[key], trial
+        fallback = self._best_unmeasured()
+        if fallback is None:
+            self.exhausted = True
+            return None, None
+        study.enqueue_trial(params_of(fallback), user_attrs={"seeded": "best unmeasured prediction"})
+        trial = study.ask(self.distributions)
+        if self._answer(study, trial, knob_key(trial.params)):
+            return None, None
+        return self.candidates[fallback], trial
+
+    def _answer(self, study: optuna.Study, trial: optuna.Trial, key: tuple[Any, ...]) -> bool:
+        """Tell the sampler at once where no real trial is needed; True if it was told."""
+        if key not in self.candidates:
+            reason = "predicted not to fit" if key in self.unfit else "not a valid configuration"
+            tell(study, trial, None, source="screen", reason=reason)
+        elif key in self.known:
+            rec = self.known[key]
+            tell(study, trial, self._value(rec), source="store", trial_id=rec.id, status=rec.status)
+        elif any(r.candidate.knobs == key for r in self.running.values()):
+            skip(study, trial, "already running")
+        else:
+            return False
+        return True
+
+    def _best_unmeasured(self) -> tuple[Any, ...] | None:
+        busy = {r.candidate.knobs for r in self.running.values()}
+        return next((k for k in self.ranked if k not in self.known and k not in busy), None)
+
+    def _value(self, rec: TrialRecord) -> float | None:
+        return getattr(rec, self.objective) if rec.status == "ok" else None
+
+    # -- results --------------------------------------------------------------------------
+    def _finish(self, study: optuna.Study, done: Any) -> None:
+        run = self.running.pop(done.key)
+        rec = self.store.finish_trial(done.key, done.result)  # recorded before anything else
+        self.durations.append(time.monotonic() - run.started)
+        self.known[run.candidate.knobs] = rec
+        value = self._value(rec)
+        tell(study, run.trial, value, source="trial", trial_id=rec.id, status=rec.status)
+        error = self._calibrate(rec)
+        if rec.status == "ok":
+            pred = objective_of(run.candidate.predicted, self.objective)
+            err = f", prediction error {error:.0%}" if error is not None else ""
+            what = f"{value:,.0f} {self.objective}" + (f" (predicted {pred:,.0f}{err})" if pred else "")
+        else:
+            what = f"{rec.status}: {rec.error}"
+        self.echo(f"trial {rec.id} {rec.status}: {describe(rec.config)} -> {what}")
+        self.echo(self.progress())
+
+    def _calibrate(self, rec: TrialRecord) -> float | None:
+        predicted = (rec.predicted or {}).get("step_time_s")
+        if rec.status != "ok" or not predicted or not rec.step_time_s:
+            return None
+        return self.calibration.add(predicted, rec.step_time_s)
+
+    # -- stopping and reporting -----------------------------------------------------------
+    def _real(self) -> list[TrialRecord]:
+        return [r for r in self.store.trials(study=self.name) if r.finished and r.error != "interrupted"]
+
+    def _stopping(self) -> bool:
+        lim = self.limits
+        if self.exhausted:
+            return True
+        if lim.timeout is not None and time.monotonic() - self.started >= lim.timeout:
+            return True
+        real = self._real()
+        if lim.trials is not None and len(real) + len(self.running) >= lim.trials:
+            return True
+        return lim.patience is not None and self._since_best(real) >= lim.patience
+
+    def _since_best(self, real: list[TrialRecord]) -> int:
+        best, since = None, 0
+        for rec in real:
+            value = self._value(rec)
+            if value is not None and (best is None or value > best):
+                best, since = value, 0
+            else:
+                since += 1
+        return since
+
+    def _stop_reason(self) -> str:
+        lim, real = self.limits, self._real()
+        if self.exhausted:
+            return "stopped: every fitting configuration is measured"
+        if lim.trials is not None and len(real) >= lim.trials:
+            return f"stopped: {lim.trials} trials done"
+        if lim.timeout is not None and time.monotonic() - self.started >= lim.timeout:
+            return f"stopped: time limit {lim.timeout:g} s reached"
+        return f"stopped: no improvement in the last {lim.patience} trials"
+
+    def progress(self) -> str:
+        real = self._real()
+        failed = sum(1 for r in real if r.status != "ok")
+        best = self.best()
+        best_txt = f"{getattr(best, self.objective):,.0f} {self.objective}" if best else "none yet"
+        return (
+            f"[{self.name}] done {len(real)} · running {len(self.running)} · failed {failed} · "
+            f"best {best_txt} · {self.calibration.summary()} · {self._time_left()}"
+        )
+
+    def _time_left(self) -> str:
+        elapsed = time.monotonic() - self.started
+        guesses = []
+        if self.limits.timeout is not None:
+            guesses.append(max(0.0, self.limits.timeout - elapsed))
+        if self.limits.trials is not None and self.durations:
+            left = max(0, self.limits.trials - len(self._real()))
+            per = sum(self.durations) / len(self.durations)
+            guesses.append(left * per / max(1, min(self._capacity(), left or 1)))
+        return f"~{format_duration(min(guesses))} left" if guesses else "no time limit"
+
+    def best(self) -> TrialRecord | None:
+        """The best measured configuration known to this campaign (this hardware)."""
+        ok = [r for r in self.known.values() if self._value(r) is not None]
+        return max(ok, key=lambda r: self._value(r) or 0.0, default=None)
+
+
+def describe(config: dict[str, Any]) -> str:
+    """A configuration in one short line."""
+    flash = "flash" if config["flash_attention"] else "no-flash"
+    return (
+        f"tp{config['tp']} pp{config['pp']} dp{config['dp']} mbs{config['micro_batch_size']} "
+        f"{config['schedule']} recompute={config['recompute']} {flash}"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
