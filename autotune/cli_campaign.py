@@ -34,6 +34,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         timeout=_duration(args.timeout) if args.timeout else None,
         patience=_positive("--patience", args.patience),
         ray_address=args.ray_address,
+        device=args.device,
         rerun=args.rerun,
         seed=args.seed,
     )
@@ -91,6 +92,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     tune.add_argument("--timeout", default=None, help="wall time of this run, e.g. 90s, 30m, 8h")
     tune.add_argument("--patience", type=int, default=None, help="stop after N trials without improvement")
     tune.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray here)")
+    tune.add_argument("--device", default=None, help="cpu or cuda (default: the space's device)")
     tune.add_argument("--resume", action="store_true", help="continue the study (rerunning does the same)")
     tune.add_argument("--rerun", action="store_true", help="measure configurations the store already has")
     tune.add_argument("--seed", type=int, default=0, help="sampler and data seed")

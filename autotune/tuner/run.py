@@ -19,7 +19,7 @@ from autotune.estimate.clusters import CPU_LOCAL, load_cluster
 from autotune.estimate.profiles import Profile, check_compatible, parse_profile
 from autotune.tuner.campaign import Campaign, Limits, describe
 from autotune.tuner.screen import Screening, screen
-from autotune.tuner.space import SearchSpace, load_space
+from autotune.tuner.space import SearchSpace, load_space, space_from_dict
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class TuneOptions:
     timeout: float | None = None
     patience: int | None = None
     ray_address: str | None = None
+    device: str | None = None
     rerun: bool = False
     seed: int = 0
 
@@ -45,9 +46,14 @@ class Prepared:
     screening: Screening  # without a profile: memory is predicted exactly, time by the roofline
 
 
-def prepare(space_path: str) -> Prepared:
-    """Load, validate and screen a space (ConfigError on bad input; writes nothing)."""
+def prepare(space_path: str, *, device: str | None = None) -> Prepared:
+    """Load, validate and screen a space (ConfigError on bad input; writes nothing).
+
+    `device` (the CLI's --device) overrides the space's `device` key.
+    """
     space = load_space(space_path)
+    if device is not None and device != space.device:
+        space = space_from_dict({**space.source, "device": device}, space_path)
     configs, rejected = space.configs()
     if not configs:
         reasons = sorted({f"{r.field}: {r.reason}" for r in rejected})
@@ -100,7 +106,7 @@ def _same_model(profile: Profile, space: SearchSpace) -> bool:
 
 def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] = print) -> Any:
     """Run (or resume) the campaign over `space_path`; returns the best TrialRecord or None."""
-    ready = prepare(space_path)
+    ready = prepare(space_path, device=options.device)
     space, cluster, screening = ready.space, ready.cluster, ready.screening
     study_name = options.study or space.name
     from storage import Store

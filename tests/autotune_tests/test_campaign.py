@@ -202,3 +202,29 @@ def test_unreachable_database_exits_2(tmp_path: Path) -> None:
 def _dump(db: Path) -> list[str]:
     with contextlib.closing(sqlite3.connect(db)) as con:
         return list(con.iterdump())
+
+
+def test_campaign_on_postgresql(tmp_path: Path, postgres_db_url: str) -> None:
+    """The same campaign with Optuna's tables and ours on a real PostgreSQL server."""
+    space = _space(tmp_path, "on-pg")
+    out = _finish(_start(space, postgres_db_url, "--trials", "2"))
+    assert "stopped: 2 trials done" in out and "best:" in out, out
+    with Store(postgres_db_url, migrate=False) as store:
+        done = _done(store.trials(study="on-pg"))
+    assert len(done) == 2 and all(t.status == "ok" for t in done)
+    best = subprocess.run(
+        [*TUNE[:-1], "best", "--storage", postgres_db_url, "--study", "on-pg", "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert '"measured": true' in best.stdout
+
+
+def test_measured_configurations_are_answered_from_the_store_in_another_study(tmp_path: Path) -> None:
+    space, url = _space(tmp_path, "first"), f"sqlite:///{tmp_path / 'shared.db'}"
+    _finish(_start(space, url, "--trials", "3"))
+    out = _finish(_start(space, url, "--study", "second", "--trials", "3"))
+    assert "best:" in out, out
+    with Store(url, migrate=False) as store:
+        first, second = _done(store.trials(study="first")), _done(store.trials(study="second"))
+    assert len(first) == 3 and len(second) == 3
+    assert not {t.config_hash for t in first} & {t.config_hash for t in second}

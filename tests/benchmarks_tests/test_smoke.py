@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ("benchmarks.bench_vs_torch", ["--quick"], "ours/torch median step time"),
         ("benchmarks.bench_bpipe", ["--quick"], "stage-0 peak activations"),
         ("benchmarks.bench_screening", ["--quick", "--limit", "12"], "configurations/s"),
+        ("benchmarks.bench_search", ["--quick"], "tuner median <= 25% of the space's configurations"),
         ("benchmarks.paper_cases", ["--models", "llama-65b"], "without recomputation 1F1B fits"),
     ],
 )
