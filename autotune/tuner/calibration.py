@@ -42,3 +42,45 @@ class Calibration:
             f"estimator: x{self.factor:.2f} calibration from {len(self.log_ratios)} trial(s), "
             f"last error {self.errors[-1]:.0%}, mean {self.mean_error:.0%}"
         )
+
+
+class KnobCorrection:
+    """A per-knob correction of the estimator, learned from the measured trials.
+
+    log(measured / predicted step time) is fitted as a sum of one term per knob value (tp 2,
+    pp 4, schedule bpipe, recompute full, ...) by ridge regression, which shrinks every term
+    toward zero: with no or few measurements the estimator's own ranking stands, and a knob
+    value whose trials keep running slower (or faster) than predicted moves the configurations
+    that share it down (or up) the ranking.
+    """
+
+    def __init__(self, ridge: float = 1.0) -> None:
+        self.ridge = ridge
+        self.rows: list[tuple[tuple[tuple[str, object], ...], float]] = []
+        self.terms: dict[tuple[str, object], float] = {}
+        self.offset = 0.0
+
+    @staticmethod
+    def features(knobs: dict[str, object]) -> tuple[tuple[str, object], ...]:
+        return tuple(sorted(knobs.items(), key=lambda kv: kv[0]))
+
+    def add(self, knobs: dict[str, object], predicted_step: float, measured_step: float) -> None:
+        self.rows.append((self.features(knobs), math.log(measured_step / predicted_step)))
+        self._fit()
+
+    def _fit(self) -> None:
+        import numpy as np
+
+        names = sorted({f for feats, _ in self.rows for f in feats}, key=repr)
+        index = {f: i for i, f in enumerate(names)}
+        X = np.zeros((len(self.rows), len(names)))
+        y = np.array([r for _, r in self.rows])
+        for i, (feats, _) in enumerate(self.rows):
+            X[i, [index[f] for f in feats]] = 1.0
+        self.offset = float(y.mean())
+        coef = np.linalg.solve(X.T @ X + self.ridge * np.eye(len(names)), X.T @ (y - self.offset))
+        self.terms = {f: float(c) for f, c in zip(names, coef, strict=True)}
+
+    def log_factor(self, knobs: dict[str, object]) -> float:
+        """Predicted log(measured / predicted step time) for a configuration's knobs."""
+        return self.offset + sum(self.terms.get(f, 0.0) for f in self.features(knobs))

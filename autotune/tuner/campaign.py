@@ -9,6 +9,7 @@ this hardware (in any study) is answered from the store instead of being run aga
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import optuna
 
-from autotune.tuner.calibration import Calibration
+from autotune.tuner.calibration import Calibration, KnobCorrection
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of
 from autotune.tuner.study import abandon, open_study, params_of, skip, stale_numbers, tell
 from storage import Store, TrialRecord, config_hash
@@ -68,7 +69,9 @@ class Campaign:
         self.running: dict[int, _Running] = {}
         self.known: dict[tuple[Any, ...], TrialRecord] = {}
         self.calibration = Calibration()
+        self.correction = KnobCorrection()
         self.exhausted = False
+        self.turns = 0
         self.durations: list[float] = []
 
     # -- set-up ---------------------------------------------------------------------------
@@ -146,22 +149,31 @@ class Campaign:
             self.echo(f"trial {rec_id} started: {describe(candidate.config.to_dict())}")
 
     def _propose(self, study: optuna.Study) -> tuple[Candidate | None, optuna.Trial | None]:
-        """The next configuration to run, answering every other proposal on the spot."""
-        for _ in range(MAX_IDLE_PROPOSALS):
+        """The next configuration to run, answering every other proposal on the spot.
+
+        Turns alternate between the sampler (TPE, which learns the feasible region and good
+        knob values from every told trial) and the corrected estimator (the best unmeasured
+        configuration under the correction learned so far); the sampler's turn falls back to
+        the estimator after MAX_IDLE_PROPOSALS proposals without a new configuration.
+        """
+        self.turns += 1
+        if self.turns % 2 == 1:
+            for _ in range(MAX_IDLE_PROPOSALS):
+                trial = study.ask(self.distributions)
+                key = knob_key(trial.params)
+                if not self._answer(study, trial, key):
+                    return self.candidates[key], trial
+        for _ in range(len(self.ranked) + MAX_IDLE_PROPOSALS):  # queued trials come out first
+            pick = self._best_unmeasured()
+            if pick is None:
+                break
+            study.enqueue_trial(params_of(pick), user_attrs={"seeded": "corrected estimator"})
             trial = study.ask(self.distributions)
             key = knob_key(trial.params)
-            if self._answer(study, trial, key):
-                continue
-            return self.candidates[key], trial
-        fallback = self._best_unmeasured()
-        if fallback is None:
-            self.exhausted = True
-            return None, None
-        study.enqueue_trial(params_of(fallback), user_attrs={"seeded": "best unmeasured prediction"})
-        trial = study.ask(self.distributions)
-        if self._answer(study, trial, knob_key(trial.params)):
-            return None, None
-        return self.candidates[fallback], trial
+            if not self._answer(study, trial, key):
+                return self.candidates[key], trial
+        self.exhausted = True
+        return None, None
 
     def _answer(self, study: optuna.Study, trial: optuna.Trial, key: tuple[Any, ...]) -> bool:
         """Tell the sampler at once where no real trial is needed; True if it was told."""
@@ -178,8 +190,15 @@ class Campaign:
         return True
 
     def _best_unmeasured(self) -> tuple[Any, ...] | None:
+        """The unmeasured configuration ranked best by the estimator as corrected so far."""
         busy = {r.candidate.knobs for r in self.running.values()}
-        return next((k for k in self.ranked if k not in self.known and k not in busy), None)
+        left = [k for k in self.ranked if k not in self.known and k not in busy]
+        return max(left, key=self._corrected, default=None)
+
+    def _corrected(self, key: tuple[Any, ...]) -> float:
+        """The predicted objective under the learned correction (objective ~ 1 / step time)."""
+        value = objective_of(self.candidates[key].predicted, self.objective) or 0.0
+        return value / math.exp(self.correction.log_factor(params_of(key)))
 
     def _value(self, rec: TrialRecord) -> float | None:
         return getattr(rec, self.objective) if rec.status == "ok" else None
@@ -206,6 +225,7 @@ class Campaign:
         predicted = (rec.predicted or {}).get("step_time_s")
         if rec.status != "ok" or not predicted or not rec.step_time_s:
             return None
+        self.correction.add(params_of(knob_key(rec.config)), predicted, rec.step_time_s)
         return self.calibration.add(predicted, rec.step_time_s)
 
     # -- stopping and reporting -----------------------------------------------------------
