@@ -24,9 +24,14 @@ class Calibration:
     def factor(self) -> float:
         return math.exp(statistics.fmean(self.log_ratios)) if self.log_ratios else 1.0
 
-    def add(self, predicted_step: float, measured_step: float) -> float:
-        """Record one measurement; return its relative error under the calibration before it."""
-        error = abs(predicted_step * self.factor - measured_step) / measured_step
+    def add(
+        self, predicted_step: float, measured_step: float, *, prior_log_factor: float | None = None
+    ) -> float:
+        """Record one measurement; return its relative error under the calibration before it
+        (`prior_log_factor`: a finer correction's log factor for this configuration, used in
+        place of the overall factor)."""
+        factor = self.factor if prior_log_factor is None else math.exp(prior_log_factor)
+        error = abs(predicted_step * factor - measured_step) / measured_step
         self.errors.append(error)
         self.log_ratios.append(math.log(measured_step / predicted_step))
         return error
@@ -39,7 +44,7 @@ class Calibration:
         if not self.errors:
             return "estimator: no measurement yet"
         return (
-            f"estimator: x{self.factor:.2f} calibration from {len(self.log_ratios)} trial(s), "
+            f"estimator: corrected from {len(self.log_ratios)} trial(s) (x{self.factor:.2f} overall), "
             f"last error {self.errors[-1]:.0%}, mean {self.mean_error:.0%}"
         )
 

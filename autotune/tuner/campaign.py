@@ -225,8 +225,10 @@ class Campaign:
         predicted = (rec.predicted or {}).get("step_time_s")
         if rec.status != "ok" or not predicted or not rec.step_time_s:
             return None
-        self.correction.add(params_of(knob_key(rec.config)), predicted, rec.step_time_s)
-        return self.calibration.add(predicted, rec.step_time_s)
+        knobs = params_of(knob_key(rec.config))
+        prior = self.correction.log_factor(knobs) if self.correction.rows else None
+        self.correction.add(knobs, predicted, rec.step_time_s)
+        return self.calibration.add(predicted, rec.step_time_s, prior_log_factor=prior)
 
     # -- stopping and reporting -----------------------------------------------------------
     def _real(self) -> list[TrialRecord]:

@@ -15,7 +15,10 @@ def test_calibration_scores_each_measurement_before_learning_from_it() -> None:
     assert cal.add(predicted_step=1.0, measured_step=2.0) == pytest.approx(0.5)  # |1 - 2| / 2
     assert cal.factor == pytest.approx(2.0)
     assert cal.add(predicted_step=1.0, measured_step=2.0) == pytest.approx(0.0)
-    assert "x2.00 calibration from 2 trial(s)" in cal.summary()
+    assert "corrected from 2 trial(s) (x2.00 overall)" in cal.summary()
+    assert cal.add(predicted_step=1.0, measured_step=2.0, prior_log_factor=math.log(4.0)) == pytest.approx(
+        1.0
+    )
 
 
 def test_knob_correction_starts_neutral_and_learns_a_slow_knob_value() -> None:
