@@ -254,6 +254,8 @@ class _Found(Exception):
 class _Replayed:
     key: Any
     result: dict[str, Any]
+    attempt: int = 1
+    worker: str | None = None
 
 
 class ReplayDispatcher:

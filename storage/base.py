@@ -69,8 +69,11 @@ class BaseStore(abc.ABC):
         """Record a running trial; returns its id."""
 
     @abc.abstractmethod
-    def finish_trial(self, trial_id: int, result: dict[str, Any]) -> TrialRecord:
-        """Record the result JSON of `autotune trial` for a running trial, atomically."""
+    def finish_trial(
+        self, trial_id: int, result: dict[str, Any], *, attempt: int | None = None, worker: str | None = None
+    ) -> TrialRecord:
+        """Record the result JSON of `autotune trial` for a running trial, atomically; `attempt`
+        and `worker` (where it ran) replace the values given at its start."""
 
     @abc.abstractmethod
     def interrupt_running(self, study: str) -> list[TrialRecord]:

@@ -205,9 +205,12 @@ class Store(BaseStore):
             s.flush()
             return row.id
 
-    def finish_trial(self, trial_id: int, result: dict[str, Any]) -> TrialRecord:
+    def finish_trial(
+        self, trial_id: int, result: dict[str, Any], *, attempt: int | None = None, worker: str | None = None
+    ) -> TrialRecord:
         """Record a running trial's result; `FinishedTrialError` if it is already finished."""
         values = conv.finish_values(result)
+        values.update({k: v for k, v in (("attempt", attempt), ("worker", worker)) if v is not None})
         with self._session() as s:
             done = s.execute(
                 update(Trial)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,12 +25,21 @@ from storage import Store, TrialRecord, config_hash
 MAX_IDLE_PROPOSALS = 25  # proposals without a new configuration before the tuner picks one itself
 
 
+class Done(Protocol):
+    """A finished trial as a dispatcher reports it (trial_runners.dispatch.Finished)."""
+
+    key: Any
+    result: dict[str, Any]
+    attempt: int
+    worker: str | None
+
+
 class Dispatcher(Protocol):
     @property
     def running(self) -> int: ...
 
     def submit(self, key: Any, config: dict[str, Any], *, steps: int, seed: int, timeout: float) -> None: ...
-    def wait(self, timeout: float) -> list[Any]: ...
+    def wait(self, timeout: float) -> Sequence[Done]: ...
     def close(self) -> None: ...
 
 
@@ -204,9 +213,10 @@ class Campaign:
         return getattr(rec, self.objective) if rec.status == "ok" else None
 
     # -- results --------------------------------------------------------------------------
-    def _finish(self, study: optuna.Study, done: Any) -> None:
+    def _finish(self, study: optuna.Study, done: Done) -> None:
         run = self.running.pop(done.key)
-        rec = self.store.finish_trial(done.key, done.result)  # recorded before anything else
+        # recorded before anything else
+        rec = self.store.finish_trial(done.key, done.result, attempt=done.attempt, worker=done.worker)
         self.durations.append(time.monotonic() - run.started)
         self.known[run.candidate.knobs] = rec
         value = self._value(rec)

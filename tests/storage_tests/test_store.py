@@ -106,6 +106,14 @@ def test_a_trial_without_prediction_has_no_predicted_stage_memory(store: Store) 
     assert [st["predicted_peak_memory_bytes"] for st in done.stages] == [None, None]
 
 
+def test_finishing_records_where_it_ran_and_which_attempt(store: Store) -> None:
+    fp = cases.study(store)
+    tid = store.start_trial("s1", config=cases.config(), fingerprint=fp)
+    done = store.finish_trial(tid, cases.result("ok"), attempt=2, worker="node-b/1234")
+    assert (done.attempt, done.worker) == (2, "node-b/1234")
+    assert store.trial(tid) == done
+
+
 @pytest.mark.parametrize("status", ["oom", "failed", "timeout"])
 def test_failed_trials_keep_their_reason(store: Store, status: str) -> None:
     fp = cases.study(store)
