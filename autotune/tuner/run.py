@@ -145,9 +145,15 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
         from trial_runners.dispatch import RayDispatcher
 
         widest = max(c.config.world_size for c in screening.fitting)
-        with RayDispatcher(
-            address=options.ray_address, device=space.device, num_cpus=max(os.cpu_count() or 1, widest)
-        ) as dispatcher:
+        cpus = max(os.cpu_count() or 1, widest)
+        echo(
+            f"joining Ray at {options.ray_address}"
+            if options.ray_address
+            else f"starting Ray here ({cpus} CPUs)"
+        )
+        with RayDispatcher(address=options.ray_address, device=space.device, num_cpus=cpus) as dispatcher:
+            cpu, gpu = (dispatcher.resources().get(k, 0.0) for k in ("CPU", "GPU"))
+            echo(f"Ray: {dispatcher.nodes()} node(s), {cpu:g} CPUs, {gpu:g} GPUs")
             best = campaign.run(dispatcher)
         if best is not None:
             echo(f"best: {describe(best.config)} -> {getattr(best, space.objective):,.0f} {space.objective}")
