@@ -94,7 +94,7 @@ def add_parsers(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     tune.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start Ray here)")
     tune.add_argument("--device", default=None, help="cpu or cuda (default: the space's device)")
     tune.add_argument("--resume", action="store_true", help="continue the study (rerunning does the same)")
-    tune.add_argument("--rerun", action="store_true", help="measure configurations the store already has")
+    tune.add_argument("--rerun", action="store_true", help="measure again what other studies measured here")
     tune.add_argument("--seed", type=int, default=0, help="sampler and data seed")
     tune.add_argument("--json", action="store_true", help="progress on stderr, the best as JSON on stdout")
     tune.set_defaults(func=_cmd_tune)
