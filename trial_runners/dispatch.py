@@ -6,6 +6,11 @@ device cuda) packed on one node, and its launcher task runs in the first bundle,
 ranks as fresh processes (trial_runners.launch kills them as a process group on timeout). A
 lost worker (its process or node died) gets one retry; a second loss is a `failed` result with
 the reason. Several trials run at once where the cluster's resources allow.
+
+A trial wider than any node spans several: its bundles are packed as tightly as the cluster
+allows (PACK), a zero-CPU coordinator task waits for them, picks a TCP rendezvous on rank 0's
+node, starts one part per node (that node's ranks, in its first bundle) and merges their
+ranks' results into one trial result.
 """
 
 from __future__ import annotations
@@ -62,6 +67,102 @@ def _launch(config: dict[str, Any], options: dict[str, Any], attempt: int) -> di
     return {"result": result, "worker": f"{socket.gethostname()}/{node}"}
 
 
+_FAILURE_ORDER = ("oom", "died", "timeout", "failed")  # the root cause first among failed parts
+
+
+def _rendezvous() -> str:
+    """A TCP rendezvous address on this node (run in rank 0's bundle)."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
+def _node_part(
+    config: dict[str, Any], options: dict[str, Any], attempt: int, ranks: list[int], init_method: str
+) -> dict[str, Any]:
+    """Ray task body: this node's ranks of a multi-node trial."""
+    import socket
+
+    import ray
+
+    from autotune.config import TrialConfig
+    from trial_runners.faults import injected
+    from trial_runners.launch import run_job
+    from trial_runners.trial import trial_run
+
+    os.environ.update(options.get("env", {}))
+    if 0 in ranks and injected(config, attempt - 1, ("lost",)):
+        os._exit(1)  # test hook, as in _launch
+    cfg = TrialConfig.from_dict(config)
+    outcome = run_job(
+        [trial_run(cfg, steps=options["steps"], seed=options["seed"])], world_size=cfg.world_size,
+        timeout=options["timeout"], device=cfg.device, ranks=ranks, init_method=init_method,
+    )  # fmt: skip
+    node = ray.get_runtime_context().get_node_id()[:12]
+    results = outcome.results[0] if outcome.results else []
+    return {
+        "status": outcome.status,
+        "error": outcome.error,
+        "results": results,
+        "worker": f"{socket.gethostname()}/{node}",
+    }
+
+
+def _coordinate(config: dict[str, Any], options: dict[str, Any], attempt: int, group: Any) -> dict[str, Any]:
+    """Ray task body (no CPU): run a trial whose ranks span nodes; one result as _launch gives."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from autotune.config import TrialConfig
+    from trial_runners.trial import trial_result
+
+    ray.get(group.ready())
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    by_node: dict[str, list[int]] = {}
+    for rank in range(int(config["world_size"])):  # rank r runs in bundle r
+        by_node.setdefault(nodes[rank], []).append(rank)
+
+    def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+
+    init = ray.get(ray.remote(_rendezvous).options(num_cpus=0, scheduling_strategy=in_bundle(0)).remote())
+    part = ray.remote(max_retries=0)(_node_part)
+    refs = [
+        part.options(num_cpus=1, scheduling_strategy=in_bundle(ranks[0])).remote(
+            config, options, attempt, ranks, init
+        )
+        for ranks in by_node.values()
+    ]
+    parts = []
+    while refs:
+        ready, refs = ray.wait(refs, num_returns=1)
+        parts.append(ray.get(ready[0]))
+        if parts[-1]["status"] != "ok":
+            for ref in refs:  # the other nodes' ranks would only wait for the dead ones
+                ray.cancel(ref, force=True)
+            break
+    failed = [p for p in parts if p["status"] != "ok"]
+    status, error = ("ok", None) if not failed else _root_cause(failed)
+    ranks_out = [r for p in parts for r in p["results"]]
+    result = trial_result(TrialConfig.from_dict(config), status, error, ranks_out if not failed else [])
+    return {"result": result, "worker": ",".join(sorted({p["worker"] for p in parts}))}
+
+
+def _root_cause(parts: list[dict[str, Any]]) -> tuple[str, str]:
+    def order(p: dict[str, Any]) -> int:
+        key = p["status"] if p["status"] != "failed" or "died" not in (p["error"] or "") else "died"
+        return _FAILURE_ORDER.index(key) if key in _FAILURE_ORDER else len(_FAILURE_ORDER)
+
+    first = min(parts, key=order)
+    return first["status"], first["error"]
+
+
 class RayDispatcher:
     """Submit trials, collect them as they finish; one retry on a lost worker."""
 
@@ -91,7 +192,13 @@ class RayDispatcher:
                 raise ConfigError("--ray-address", f"cannot join Ray at {address}: {first}") from exc
             raise
         self._remote = ray.remote(max_retries=0)(_launch)
+        self._coordinator = ray.remote(max_retries=0)(_coordinate)
         self._pending: dict[Any, _Pending] = {}
+
+    def _widest_node(self) -> float:
+        """The most ranks one alive node can hold (its CPUs, or GPUs with device cuda)."""
+        kind = "GPU" if self.device == "cuda" else "CPU"
+        return max((n["Resources"].get(kind, 0.0) for n in self._ray.nodes() if n.get("Alive")), default=0.0)
 
     def __enter__(self) -> RayDispatcher:
         return self
@@ -118,9 +225,16 @@ class RayDispatcher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {"GPU": 1.0, "CPU": 1.0} if self.device == "cuda" else {"CPU": 1.0}
-        group = placement_group([dict(bundle)] * int(config["world_size"]), strategy="STRICT_PACK")
-        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-        ref = self._remote.options(num_cpus=1, scheduling_strategy=strategy).remote(config, options, attempt)
+        world = int(config["world_size"])
+        if world <= self._widest_node():
+            group = placement_group([dict(bundle)] * world, strategy="STRICT_PACK")
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+            ref = self._remote.options(num_cpus=1, scheduling_strategy=strategy).remote(
+                config, options, attempt
+            )
+        else:  # wider than any node: ranks on several nodes, a coordinator outside the group
+            group = placement_group([dict(bundle)] * world, strategy="PACK")
+            ref = self._coordinator.options(num_cpus=0).remote(config, options, attempt, group)
         deadline = time.monotonic() + options["timeout"] + GRACE_S
         self._pending[key] = _Pending(key, config, options, attempt, group, ref, deadline)
 
@@ -144,16 +258,17 @@ class RayDispatcher:
         self._release(p)
         try:
             out = self._ray.get(p.ref)
-        except (WorkerCrashedError, NodeDiedError) as exc:
-            reason = f"worker lost ({type(exc).__name__})"
+        except (WorkerCrashedError, NodeDiedError, RayTaskError) as exc:
+            cause = exc.cause if isinstance(exc, RayTaskError) else exc
+            if not isinstance(cause, WorkerCrashedError | NodeDiedError):
+                first = str(cause or exc).strip().splitlines()
+                failure = _failure(p.config, f"launcher error: {first[-1] if first else exc}")
+                return Finished(p.key, failure, p.attempt, None)
+            reason = f"worker lost ({type(cause).__name__})"
             if p.attempt == 1:
                 self._start(p.key, p.config, p.options, attempt=2)
                 return None
             failure = _failure(p.config, f"{reason} twice; gave up after one retry")
-            return Finished(p.key, failure, p.attempt, None)
-        except RayTaskError as exc:
-            first = str(exc.cause if exc.cause else exc).strip().splitlines()
-            failure = _failure(p.config, f"launcher error: {first[-1] if first else exc}")
             return Finished(p.key, failure, p.attempt, None)
         return Finished(p.key, out["result"], p.attempt, out["worker"])
 

@@ -41,14 +41,15 @@ class JobOutcome:
     failed_run: int | None = None
 
 
-def worker_env(world_size: int, device: str) -> dict[str, str]:
+def worker_env(world_size: int, device: str, *, local: bool = True) -> dict[str, str]:
+    """The ranks' environment; `local`: every rank on this machine (gloo over loopback)."""
     env = dict(os.environ)
     cores = os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // world_size)))
     # glibc's default allocator, as real training runs: MALLOC_MMAP_THRESHOLD_=65536 would make
     # RSS follow freed activations but costs ~40% of CPU compute, and the accounting uses
     # saved-tensor hooks, not RSS. Profiles are measured under the same allocator.
-    if device == "cpu":
+    if device == "cpu" and local:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH", "")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -62,25 +63,34 @@ def run_job(
     timeout: float,
     device: str = "cpu",
     workdir: str | None = None,
+    ranks: list[int] | None = None,
+    init_method: str | None = None,
 ) -> JobOutcome:
-    """Run `runs` (each {"config": TrialConfig.to_dict(), "steps", "seed", ...}) on fresh ranks."""
+    """Run `runs` (each {"config": TrialConfig.to_dict(), "steps", "seed", ...}) on fresh ranks.
+
+    By default every rank runs here and they meet through a file; `ranks` starts only those
+    (the rest run on other nodes) and `init_method` (`tcp://HOST:PORT`) is where all meet.
+    Results are per run, one per local rank, in `ranks` order.
+    """
+    local = list(range(world_size)) if ranks is None else ranks
     with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
         folder = Path(tmp)
-        threads = max(1, (os.cpu_count() or 1) // world_size)
+        threads = max(1, (os.cpu_count() or 1) // len(local))
         job = {
             "world_size": world_size,
             "init_file": str(folder / "rendezvous"),
+            "init_method": init_method,
             "device": device,
             "threads": threads,
             "runs": runs,
         }
         (folder / "job.json").write_text(json.dumps(job))
-        env = worker_env(world_size, device)
+        env = worker_env(len(local), device, local=init_method is None)
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            for rank in range(world_size):
+            for rank in local:
                 log = open(folder / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
-                kwargs: dict[str, Any] = {"process_group": 0 if rank == 0 else procs[0].pid}
+                kwargs: dict[str, Any] = {"process_group": procs[0].pid if procs else 0}
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "trial_runners.worker", str(folder / "job.json"), str(rank)],
@@ -93,26 +103,28 @@ def run_job(
                     )
                 )
                 log.close()
-            status, error = _watch(procs, folder, timeout)
+            status, error = _watch(procs, folder, timeout, local)
         finally:
             _kill_all(procs)
         if status != "ok":
             failed = _failed_run(folder)
             return JobOutcome(status, error, failed_run=failed)
         results = [
-            [json.loads((folder / f"run{i}.rank{r}.json").read_text()) for r in range(world_size)]
+            [json.loads((folder / f"run{i}.rank{r}.json").read_text()) for r in local]
             for i in range(len(runs))
         ]
         return JobOutcome("ok", None, results)
 
 
-def _watch(procs: list[subprocess.Popen[bytes]], folder: Path, timeout: float) -> tuple[str, str | None]:
+def _watch(
+    procs: list[subprocess.Popen[bytes]], folder: Path, timeout: float, ranks: list[int]
+) -> tuple[str, str | None]:
     deadline = time.monotonic() + timeout
     while True:
         codes = [p.poll() for p in procs]
         if all(c == 0 for c in codes):
             return "ok", None
-        bad = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
+        bad = [(r, c) for r, c in zip(ranks, codes, strict=True) if c is not None and c != 0]
         if bad:
             time.sleep(0.05)  # let a rank that failed cleanly finish writing its status
             return _diagnose(folder, bad)

@@ -39,8 +39,20 @@ def run_trial(
         "dump_dir": dump_dir,
     }
     outcome = run_job([run], world_size=cfg.world_size, timeout=timeout, device=cfg.device)
-    result: dict[str, Any] = {"status": outcome.status, "error": outcome.error, "config": cfg.to_dict()}
-    if outcome.status != "ok":
+    return trial_result(cfg, outcome.status, outcome.error, outcome.results[0] if outcome.results else [])
+
+
+def trial_run(cfg: TrialConfig, *, steps: int, seed: int) -> dict[str, Any]:
+    """The job entry `run_job` takes for one trial of `cfg` (synthetic data)."""
+    return {"config": cfg.to_dict(), "steps": steps, "seed": seed, "data_path": None, "dump_dir": None}
+
+
+def trial_result(
+    cfg: TrialConfig, status: str, error: str | None, ranks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The contract's trial JSON from a job's status and its ranks' results (any order)."""
+    result: dict[str, Any] = {"status": status, "error": error, "config": cfg.to_dict()}
+    if status != "ok":
         result.update(
             step_time_s=None, tokens_per_s=None, achieved_tflops=None, mfu=None, losses=[], stages=[]
         )
@@ -48,7 +60,7 @@ def run_trial(
     result.update(
         summarize(
             cfg,
-            outcome.results[0],
+            ranks,
             flops_per_token=model_flops_per_token(cfg.model, recompute=cfg.recompute),
             peak_flops=device_peak_flops(cfg.device),
         )

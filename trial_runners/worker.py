@@ -252,7 +252,10 @@ def main(argv: list[str]) -> int:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     torch.set_num_threads(int(job.get("threads", 1)))
     dist.init_process_group(
-        backend, init_method=f"file://{job['init_file']}", rank=rank, world_size=job["world_size"]
+        backend,
+        init_method=job.get("init_method") or f"file://{job['init_file']}",
+        rank=rank,
+        world_size=job["world_size"],
     )
     for i, run in enumerate(job["runs"]):
         try:

@@ -64,3 +64,32 @@ def test_a_lost_worker_is_retried_once_then_failed(monkeypatch: pytest.MonkeyPat
         (twice,) = _drain(d)
     assert twice.result["status"] == "failed" and twice.attempt == 2
     assert "worker lost" in twice.result["error"] and "after one retry" in twice.result["error"]
+
+
+def test_a_trial_wider_than_any_node_spans_nodes_and_trains_as_on_one(two_nodes: str) -> None:
+    """World size 2 on nodes of 1 CPU: ranks on both nodes meet over TCP; same losses as locally."""
+    from trial_runners.trial import run_trial
+
+    config = _config(pp=2, num_microbatches=4)
+    local = run_trial(TrialConfig.from_dict(config), steps=1, seed=3, timeout=120)
+    with RayDispatcher(address=two_nodes) as d:
+        d.submit("wide", config, steps=1, seed=3, timeout=120)
+        (done,) = _drain(d)
+    assert done.result["status"] == "ok", done.result["error"]
+    assert done.worker is not None and len(done.worker.split(",")) == 2  # one part per node
+    assert done.result["losses"] == local["losses"]
+    assert [s["peak_activation_bytes"] for s in done.result["stages"]] == [
+        s["peak_activation_bytes"] for s in local["stages"]
+    ]
+
+
+def test_a_rank_dying_on_one_node_fails_the_spanning_trial_at_once(
+    two_nodes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTUNE_INJECT_FAULT", "crash@1:pp=2")
+    started = time.monotonic()
+    with RayDispatcher(address=two_nodes) as d:
+        d.submit("wide", _config(pp=2, num_microbatches=4), steps=1, seed=0, timeout=300)
+        (done,) = _drain(d)
+    assert done.result["status"] == "failed" and "rank 1 died" in done.result["error"]
+    assert time.monotonic() - started < 120  # the other node's ranks were not left to time out
