@@ -206,6 +206,15 @@ class RayDispatcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The hardware fingerprint of a worker node, where trials run (not of this driver)."""
+        from trial_runners.fingerprint import hardware_fingerprint
+
+        need = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 1}
+        task = self._ray.remote(hardware_fingerprint).options(**need)
+        info: dict[str, Any] = self._ray.get(task.remote(self.device))
+        return info
+
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (CPU, GPU, ...)."""
         return dict(self._ray.cluster_resources())

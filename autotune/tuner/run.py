@@ -110,10 +110,9 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
     space, cluster, screening = ready.space, ready.cluster, ready.screening
     study_name = options.study or space.name
     from storage import Store
-    from trial_runners.fingerprint import hardware_fingerprint
 
-    with Store(options.storage) as store:
-        fingerprint = store.register_fingerprint(hardware_fingerprint(space.device))
+    with Store(options.storage) as store, _ray(options, space.device, screening, echo) as dispatcher:
+        fingerprint = store.register_fingerprint(dispatcher.fingerprint())
         store.create_study(
             study_name,
             space=space.source,
@@ -142,22 +141,24 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
             objective=space.objective, steps=space.steps, trial_timeout=space.trial_timeout,
             seed_top=space.seed_top, limits=limits, rerun=options.rerun, seed=options.seed, echo=echo,
         )  # fmt: skip
-        from trial_runners.dispatch import RayDispatcher
-
-        widest = max(c.config.world_size for c in screening.fitting)
-        cpus = max(os.cpu_count() or 1, widest)
-        echo(
-            f"joining Ray at {options.ray_address}"
-            if options.ray_address
-            else f"starting Ray here ({cpus} CPUs)"
-        )
-        with RayDispatcher(address=options.ray_address, device=space.device, num_cpus=cpus) as dispatcher:
-            cpu, gpu = (dispatcher.resources().get(k, 0.0) for k in ("CPU", "GPU"))
-            echo(f"Ray: {dispatcher.nodes()} node(s), {cpu:g} CPUs, {gpu:g} GPUs")
-            best = campaign.run(dispatcher)
+        best = campaign.run(dispatcher)
         if best is not None:
             echo(f"best: {describe(best.config)} -> {getattr(best, space.objective):,.0f} {space.objective}")
         return best
+
+
+def _ray(options: TuneOptions, device: str, screening: Screening, echo: Callable[[str], None]) -> Any:
+    """Start Ray here (with room for the widest configuration) or join `--ray-address`."""
+    from trial_runners.dispatch import RayDispatcher
+
+    cpus = max(os.cpu_count() or 1, max(c.config.world_size for c in screening.fitting))
+    echo(
+        f"joining Ray at {options.ray_address}" if options.ray_address else f"starting Ray here ({cpus} CPUs)"
+    )
+    dispatcher = RayDispatcher(address=options.ray_address, device=device, num_cpus=cpus)
+    cpu, gpu = (dispatcher.resources().get(k, 0.0) for k in ("CPU", "GPU"))
+    echo(f"Ray: {dispatcher.nodes()} node(s), {cpu:g} CPUs, {gpu:g} GPUs")
+    return dispatcher
 
 
 def _report_screening(
