@@ -44,7 +44,8 @@ class _Pending:
     attempt: int
     group: Any
     ref: Any
-    deadline: float
+    deadline: float  # pushed back while the placement group waits for resources
+    ready: Any = None  # the group's ready() reference, until it is placed
     started: float = field(default_factory=time.monotonic)
 
 
@@ -167,13 +168,18 @@ class RayDispatcher:
     """Submit trials, collect them as they finish; one retry on a lost worker."""
 
     def __init__(
-        self, *, address: str | None = None, device: str = "cpu", num_cpus: int | None = None
+        self,
+        *,
+        address: str | None = None,
+        device: str = "cpu",
+        num_cpus: int | None = None,
+        grace: float = GRACE_S,
     ) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
         self._ray = ray
-        self.device = device
+        self.device, self.grace = device, grace
         kwargs: dict[str, Any] = {
             "include_dashboard": False,
             "log_to_driver": False,
@@ -219,6 +225,11 @@ class RayDispatcher:
         """The cluster's total resources (CPU, GPU, ...)."""
         return dict(self._ray.cluster_resources())
 
+    def capacity(self, world_size: int) -> int:
+        """How many trials of `world_size` ranks the cluster holds at once (at least 1)."""
+        kind = "GPU" if self.device == "cuda" else "CPU"
+        return max(1, int(self.resources().get(kind, 0.0) // max(1, world_size)))
+
     def nodes(self) -> int:
         return sum(1 for n in self._ray.nodes() if n.get("Alive"))
 
@@ -244,8 +255,8 @@ class RayDispatcher:
         else:  # wider than any node: ranks on several nodes, a coordinator outside the group
             group = placement_group([dict(bundle)] * world, strategy="PACK")
             ref = self._coordinator.options(num_cpus=0).remote(config, options, attempt, group)
-        deadline = time.monotonic() + options["timeout"] + GRACE_S
-        self._pending[key] = _Pending(key, config, options, attempt, group, ref, deadline)
+        deadline = time.monotonic() + options["timeout"] + self.grace
+        self._pending[key] = _Pending(key, config, options, attempt, group, ref, deadline, group.ready())
 
     @property
     def running(self) -> int:
@@ -283,11 +294,16 @@ class RayDispatcher:
 
     def _overdue(self) -> Iterator[Finished]:
         now = time.monotonic()
+        for p in [p for p in self._pending.values() if p.ready is not None]:
+            if self._ray.wait([p.ready], timeout=0)[0]:
+                p.ready = None
+            else:  # still queued for resources: its clock has not started
+                p.deadline = now + p.options["timeout"] + self.grace
         for p in [p for p in self._pending.values() if now > p.deadline]:
             self._ray.cancel(p.ref, force=True)
             self._release(p)
             limit = p.options["timeout"]
-            reason = f"trial did not finish within {limit:g} s (+{GRACE_S:g} s start-up); cancelled"
+            reason = f"trial did not finish within {limit:g} s (+{self.grace:g} s start-up); cancelled"
             yield Finished(p.key, _failure(p.config, reason, status="timeout"), p.attempt, None)
 
     def _release(self, p: _Pending) -> None:

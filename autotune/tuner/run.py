@@ -134,7 +134,8 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
             trials=options.trials or space.trials,
             timeout=options.timeout or space.timeout,
             patience=options.patience or space.patience,
-            concurrency=space.concurrency,
+            concurrency=space.concurrency
+            or dispatcher.capacity(max(c.config.world_size for c in screening.fitting)),
         )
         campaign = Campaign(
             store=store, study=study_name, screening=screening, knobs=space.knobs, fingerprint=fingerprint,

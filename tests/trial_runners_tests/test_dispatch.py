@@ -93,3 +93,15 @@ def test_a_rank_dying_on_one_node_fails_the_spanning_trial_at_once(
         (done,) = _drain(d)
     assert done.result["status"] == "failed" and "rank 1 died" in done.result["error"]
     assert time.monotonic() - started < 120  # the other node's ranks were not left to time out
+
+
+def test_a_trial_queued_for_resources_is_not_timed_out_by_its_wait() -> None:
+    """Four two-rank trials on two CPUs run one after another, the last starting well after its
+    own 12 s + 1 s would have run out had the clock started at submission."""
+    with RayDispatcher(num_cpus=2, grace=1.0) as d:
+        assert (d.capacity(2), d.capacity(1)) == (1, 2)
+        for key in range(4):
+            d.submit(key, _config(pp=2), steps=1, seed=key, timeout=12)
+        done = _drain(d)
+    assert sorted(f.key for f in done) == [0, 1, 2, 3]
+    assert all(f.result["status"] == "ok" for f in done), [f.result["error"] for f in done]
