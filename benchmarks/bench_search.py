@@ -3,7 +3,7 @@
     python -m benchmarks.bench_search [--space demo-cpu] [--seeds 10] [--table PATH] [--quick]
 
 1. The space is loaded and screened as `autotune tune` does it: `prepare` (load, validate,
-   screen with the roofline), then the model profiled on this CPU (`_profile`, into a Store on
+   screen with the roofline), then the model profiled on this CPU (`cpu_profile`, into a Store on
    a temporary SQLite file) and the space screened again with the profile. The candidates are
    the configurations predicted to fit, ranked by the predicted objective.
 2. Exhaustive measurement, once: a real trial (`run_trial(cfg, steps=space.steps,
@@ -56,7 +56,7 @@ import optuna
 
 from autotune.estimate.clusters import load_cluster
 from autotune.tuner.campaign import MAX_IDLE_PROPOSALS, Campaign, Limits, describe
-from autotune.tuner.run import Prepared, _profile, prepare
+from autotune.tuner.run import Prepared, cpu_profile, prepare
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of, screen
 from storage import Store
 
@@ -169,7 +169,7 @@ def screen_space(space_path: str, table: dict[str, Any] | None, echo: Callable[[
         fingerprint = store.register_fingerprint(hardware_fingerprint(space.device))
         if table is not None and table.get("profile") is not None:
             store.save_profile(fingerprint, space.model.name, table["profile"])
-        profile = _profile(space, store, fingerprint, echo)
+        profile = cpu_profile(space, store, fingerprint, echo)
         profile_data = store.profile(fingerprint, space.model.name)
     if profile is not None:
         cluster = load_cluster(space.cluster, comm=profile.comm) if profile.comm else ready.cluster

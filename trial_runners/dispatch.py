@@ -49,23 +49,33 @@ class _Pending:
     started: float = field(default_factory=time.monotonic)
 
 
-def _launch(config: dict[str, Any], options: dict[str, Any], attempt: int) -> dict[str, Any]:
-    """Ray task body: run one trial on this node, return its result and where it ran."""
+def _start_task(config: dict[str, Any], options: dict[str, Any], attempt: int, *, first: bool) -> None:
+    """A Ray task body's set-up: the caller's test-hook environment, and the `lost` fault."""
+    from trial_runners.faults import injected
+
+    os.environ.update(options.get("env", {}))
+    if first and injected(config, attempt - 1, ("lost",)):
+        os._exit(1)  # test hook: this worker process dies as a lost node's would
+
+
+def _where() -> str:
+    """This task's host and Ray node, as trials record it."""
     import socket
 
     import ray
 
+    return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+
+
+def _launch(config: dict[str, Any], options: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """Ray task body: run one trial on this node, return its result and where it ran."""
     from autotune.config import TrialConfig
-    from trial_runners.faults import injected
     from trial_runners.trial import run_trial
 
-    os.environ.update(options.get("env", {}))
-    if injected(config, attempt - 1, ("lost",)):
-        os._exit(1)  # test hook: this worker process dies as a lost node's would
+    _start_task(config, options, attempt, first=True)
     cfg = TrialConfig.from_dict(config)
     result = run_trial(cfg, steps=options["steps"], seed=options["seed"], timeout=options["timeout"])
-    node = ray.get_runtime_context().get_node_id()[:12]
-    return {"result": result, "worker": f"{socket.gethostname()}/{node}"}
+    return {"result": result, "worker": _where()}
 
 
 _FAILURE_ORDER = ("oom", "died", "timeout", "failed")  # the root cause first among failed parts
@@ -87,31 +97,18 @@ def _node_part(
     config: dict[str, Any], options: dict[str, Any], attempt: int, ranks: list[int], init_method: str
 ) -> dict[str, Any]:
     """Ray task body: this node's ranks of a multi-node trial."""
-    import socket
-
-    import ray
-
     from autotune.config import TrialConfig
-    from trial_runners.faults import injected
     from trial_runners.launch import run_job
     from trial_runners.trial import trial_run
 
-    os.environ.update(options.get("env", {}))
-    if 0 in ranks and injected(config, attempt - 1, ("lost",)):
-        os._exit(1)  # test hook, as in _launch
+    _start_task(config, options, attempt, first=0 in ranks)
     cfg = TrialConfig.from_dict(config)
     outcome = run_job(
         [trial_run(cfg, steps=options["steps"], seed=options["seed"])], world_size=cfg.world_size,
         timeout=options["timeout"], device=cfg.device, ranks=ranks, init_method=init_method,
     )  # fmt: skip
-    node = ray.get_runtime_context().get_node_id()[:12]
     results = outcome.results[0] if outcome.results else []
-    return {
-        "status": outcome.status,
-        "error": outcome.error,
-        "results": results,
-        "worker": f"{socket.gethostname()}/{node}",
-    }
+    return {"status": outcome.status, "error": outcome.error, "results": results, "worker": _where()}
 
 
 def _coordinate(config: dict[str, Any], options: dict[str, Any], attempt: int, group: Any) -> dict[str, Any]:

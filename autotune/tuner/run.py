@@ -76,7 +76,9 @@ def prepare(space_path: str, *, device: str | None = None) -> Prepared:
     return Prepared(space, cluster, configs, len(rejected), screening)
 
 
-def _profile(space: SearchSpace, store: Any, fingerprint: str, echo: Callable[[str], None]) -> Profile | None:
+def cpu_profile(
+    space: SearchSpace, store: Any, fingerprint: str, echo: Callable[[str], None]
+) -> Profile | None:
     """On this CPU, a measured profile of the model (kept in the store per hardware), else None."""
     if space.device != "cpu" or space.cluster != CPU_LOCAL:
         return None
@@ -120,7 +122,7 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
             cluster=space.cluster,
             fingerprint=fingerprint,
         )
-        profile = _profile(space, store, fingerprint, echo)
+        profile = cpu_profile(space, store, fingerprint, echo)
         if profile is not None:
             cluster = load_cluster(space.cluster, comm=profile.comm) if profile.comm else cluster
             screening = screen(ready.configs, cluster, objective=space.objective, profile=profile)
