@@ -14,6 +14,7 @@ measurements is expected to replace them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from autotune.errors import ConfigError
 from autotune.estimate.activations import activation_bytes
 from autotune.estimate.clusters import ClusterSpec, link_between, node_of
 from autotune.estimate.simulate import StageCosts
-from autotune.placement import layout_of
+from autotune.placement import Layout, layout_of
 
 __all__ = [
     "activation_bytes",
@@ -257,6 +258,58 @@ def _roofline_times(
     return fwd, bwd
 
 
+Links = tuple[tuple[float, float], tuple[float, float], tuple[float, float], tuple[float, float]]
+
+
+def _stage_links(cfg: TrialConfig, cluster: ClusterSpec, placement: Placement | None) -> list[Links]:
+    """Per stage, (bandwidth, latency) of its tensor-parallel group, its send to the next stage,
+    its BPipe pair link and its data-parallel group (cached per layout and cluster)."""
+    # A CPU runs any number of ranks (processes share its cores; the sharing is not modelled):
+    # on a one-node CPU cluster every pair of distinct ranks talks over its one link.
+    oversubscribed = cfg.world_size > cluster.world_size and cluster.device == "cpu" and cluster.nodes == 1
+    if cfg.world_size > cluster.world_size and not oversubscribed:
+        raise ConfigError(
+            "--cluster",
+            f"the configuration needs tp x pp x dp = {cfg.world_size} devices; {cluster.name} has "
+            f"{cluster.world_size}",
+        )
+    if placement is None:
+        return _layout_links(layout_of(cfg), cluster, oversubscribed)
+    return _links(placement, cfg.tp, cfg.pp, cfg.dp, cluster, oversubscribed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_links(layout: Layout, cluster: ClusterSpec, oversubscribed: bool) -> list[Links]:
+    def place(stage: int, dp_rank: int, tp_rank: int) -> int:
+        return layout.rank(stage=stage, dp_rank=dp_rank, tp_rank=tp_rank)
+
+    return _links(place, layout.tp, layout.pp, layout.dp, cluster, oversubscribed)
+
+
+def _links(
+    place: Placement, tp: int, pp: int, dp: int, cluster: ClusterSpec, oversubscribed: bool
+) -> list[Links]:
+    def link(a: int, b: int) -> tuple[float, float]:
+        if oversubscribed:
+            return (cluster.intra_bandwidth, cluster.intra_latency) if a != b else (math.inf, 0.0)
+        return link_between(cluster, a, b)
+
+    def group_link(devices: list[int]) -> tuple[float, float]:
+        if oversubscribed:
+            return cluster.intra_bandwidth, cluster.intra_latency
+        return _group_link(cluster, devices)
+
+    out: list[Links] = []
+    for s in range(pp):
+        tp_link = group_link([place(s, 0, r) for r in range(tp)])
+        send = link(place(s, 0, 0), place(s + 1, 0, 0)) if s < pp - 1 else (math.inf, 0.0)
+        partner = pp - 1 - s
+        evict = link(place(s, 0, 0), place(partner, 0, 0)) if partner != s else (math.inf, 0.0)
+        dp_link = group_link([place(s, r, 0) for r in range(dp)])
+        out.append((tp_link, send, evict, dp_link))
+    return out
+
+
 def stage_costs(
     cfg: TrialConfig,
     cluster: ClusterSpec,
@@ -274,27 +327,7 @@ def stage_costs(
     - tail: the data-parallel all-reduce of the stage's fp32 gradients plus the optimizer step;
     - act_bytes: saved bytes of one micro-batch; static_bytes: parameters x bytes_per_param.
     """
-    # A CPU runs any number of ranks (processes share its cores; the sharing is not modelled):
-    # on a one-node CPU cluster every pair of distinct ranks talks over its one link.
-    oversubscribed = cfg.world_size > cluster.world_size and cluster.device == "cpu" and cluster.nodes == 1
-    if cfg.world_size > cluster.world_size and not oversubscribed:
-        raise ConfigError(
-            "--cluster",
-            f"the configuration needs tp x pp x dp = {cfg.world_size} devices; {cluster.name} has "
-            f"{cluster.world_size}",
-        )
-    place = placement or default_placement(cfg)
-
-    def link(a: int, b: int) -> tuple[float, float]:
-        if oversubscribed:
-            return (cluster.intra_bandwidth, cluster.intra_latency) if a != b else (math.inf, 0.0)
-        return link_between(cluster, a, b)
-
-    def group_link(devices: list[int]) -> tuple[float, float]:
-        if oversubscribed:
-            return cluster.intra_bandwidth, cluster.intra_latency
-        return _group_link(cluster, devices)
-
+    links = _stage_links(cfg, cluster, placement)
     spec, p, b, tp = cfg.model, cfg.pp, cfg.micro_batch_size, cfg.tp
     d = cluster.dtype_bytes
     layers = spec.num_layers // p
@@ -302,18 +335,16 @@ def stage_costs(
     out: list[StageCosts] = []
     for s in range(p):
         first, last = s == 0, s == p - 1
+        tp_link, send_link, evict_link, dp_link = links[s]
         if profile is not None:
             fwd, bwd = _profile_times(profile, cfg, layers=layers, first=first, last=last)
         else:
             fwd, bwd = _roofline_times(cfg, cluster, layers=layers, last=last)
         if tp > 1:
-            bw, lat = group_link([place(s, 0, r) for r in range(tp)])
-            one = allreduce_time(hidden_bytes, tp, bw, lat)
+            one = allreduce_time(hidden_bytes, tp, *tp_link)
             fwd += layers * 2 * one
             bwd += layers * (4 if cfg.recompute == "full" else 2) * one
-        send = 0.0
-        if not last:
-            send = transfer_time(hidden_bytes, *link(place(s, 0, 0), place(s + 1, 0, 0)))
+        send = 0.0 if last else transfer_time(hidden_bytes, *send_link)
         act = activation_bytes(
             spec,
             stage=s,
@@ -324,15 +355,11 @@ def stage_costs(
             tp=tp,
             dtype_bytes=d,
         )
-        partner = p - 1 - s
-        evict = 0.0
-        if partner != s:
-            evict = transfer_time(act, *link(place(s, 0, 0), place(partner, 0, 0)))
+        evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
         params = stage_params(spec, stage=s, num_stages=p, tp=tp)
         tail = params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
         if cfg.dp > 1:
-            bw, lat = group_link([place(s, r, 0) for r in range(cfg.dp)])
-            tail += allreduce_time(params * GRAD_BYTES, cfg.dp, bw, lat)
+            tail += allreduce_time(params * GRAD_BYTES, cfg.dp, *dp_link)
         out.append(
             StageCosts(
                 fwd=fwd,

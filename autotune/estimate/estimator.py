@@ -49,10 +49,16 @@ class _Shape:
 
     @classmethod
     def of(cls, schedule: Schedule) -> _Shape:
-        return cls(
-            peaks=tuple(peak_candidates(prog, schedule.cap) for prog in schedule.programs),
-            evictions=tuple(sum(1 for a in prog if a.kind is Kind.EVICT) for prog in schedule.programs),
-        )
+        return _shape(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.cap)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape(name: str, pp: int, m: int, cap: int | None) -> _Shape:
+    schedule = _schedule(name, pp, m, cap)
+    return _Shape(
+        peaks=tuple(peak_candidates(prog, schedule.cap) for prog in schedule.programs),
+        evictions=tuple(sum(1 for a in prog if a.kind is Kind.EVICT) for prog in schedule.programs),
+    )
 
 
 def stage_report(
@@ -127,14 +133,14 @@ def estimate_many(
     configs: Sequence[TrialConfig], cluster: ClusterSpec, *, profile: Profile | None = None
 ) -> list[dict[str, Any]]:
     """`estimate` for many configurations (no timelines), batched by schedule."""
-    groups: dict[Schedule, list[int]] = defaultdict(list)
-    schedules = [schedule_of(cfg) for cfg in configs]
-    for i, schedule in enumerate(schedules):
-        groups[schedule].append(i)
+    groups: dict[tuple[str, int, int, int | None], list[int]] = defaultdict(list)
+    for i, cfg in enumerate(configs):
+        groups[(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None)].append(i)
     all_costs = [stage_costs(cfg, cluster, profile=profile) for cfg in configs]
     out: list[dict[str, Any] | None] = [None] * len(configs)
     method = "profile" if profile else "roofline"
-    for schedule, members in groups.items():
+    for key, members in groups.items():
+        schedule = _schedule(*key)
         arrays = StageArrays.from_costs([all_costs[i] for i in members])
         steps, bubbles = step_times(schedule, arrays)
         shape = _Shape.of(schedule)

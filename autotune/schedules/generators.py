@@ -8,6 +8,8 @@ point-to-point sends and receives. Adding a schedule means adding one compute-or
 
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 from collections.abc import Callable
 
@@ -74,25 +76,28 @@ def plan_evictions(order: Program, cap: int, *, hoist: bool = True) -> Program:
     Counting follows the IR: an eviction frees its slot at the next allocating action.
     """
     b_pos = {a.mb: i for i, a in enumerate(order) if a.kind is Kind.B}
-    next_b = [a.mb for a in order if a.kind is Kind.B]
+    next_b = collections.deque(a.mb for a in order if a.kind is Kind.B)
     out: Program = []
     resident: set[int] = set()
     away: set[int] = set()
-    last_touch: dict[int, int] = {}
+    last_touch: dict[int, int] = {}  # of micro-batches not yet done (resident or away)
+    last_compute = 0  # index in `out` of the latest compute action
 
     def evict_one(exclude: int) -> None:
+        nonlocal last_compute
         candidates = [mb for mb in resident if mb != exclude]
         if not candidates:
             raise ValueError(f"cap {cap} leaves no room to run micro-batch {exclude}")
         victim = max(candidates, key=lambda mb: b_pos[mb])
         where = len(out)
         if hoist:
-            prev_compute = max((i for i, a in enumerate(out) if a.kind.is_compute), default=0)
-            where = max(last_touch[victim] + 1, prev_compute)
+            where = max(last_touch[victim] + 1, last_compute)
         out.insert(where, Action(Kind.EVICT, victim))
         for mb, idx in last_touch.items():
             if idx >= where:
                 last_touch[mb] = idx + 1
+        if last_compute >= where:
+            last_compute += 1
         resident.discard(victim)
         away.add(victim)
 
@@ -109,14 +114,16 @@ def plan_evictions(order: Program, cap: int, *, hoist: bool = True) -> Program:
             while len(resident) + 1 > cap:
                 evict_one(exclude=action.mb)
             out.append(action)
-            last_touch[action.mb] = len(out) - 1
+            last_compute = last_touch[action.mb] = len(out) - 1
             resident.add(action.mb)
             continue
         if action.mb in away:
             load(action.mb)
         out.append(action)
+        last_compute = len(out) - 1
         resident.discard(action.mb)
-        next_b.pop(0)
+        last_touch.pop(action.mb, None)
+        next_b.popleft()
         if next_b and next_b[0] in away and len(resident) + 1 <= cap:
             load(next_b[0])
     return out
@@ -149,7 +156,7 @@ def place_acceptor_actions(
     gap_times = [0.0, *acceptor_ends]  # gap i is before acceptor compute action i
     inserts: dict[int, list[Action]] = {}
     for time, act in events:
-        gap = max(i for i, g in enumerate(gap_times) if g <= time) if time > 0 else 0
+        gap = bisect.bisect_right(gap_times, time) - 1 if time > 0 else 0
         if act.kind is Kind.STASH:
             gap = max(0, gap - lead)
         inserts.setdefault(gap, []).append(act)
@@ -163,13 +170,18 @@ def place_acceptor_actions(
 
 def _order_stash_before_restore(program: Program) -> Program:
     """An RS placed at the same gap as its own ST must come after it (keeps list order stable)."""
+    first_rs: dict[int, int] = {}
+    for i, action in enumerate(program):
+        if action.kind is Kind.RESTORE:
+            first_rs.setdefault(action.mb, i)
+    late = {i for i, a in enumerate(program) if a.kind is Kind.STASH and first_rs.get(a.mb, i) < i}
+    moved = {program[i].mb: program[i] for i in late}
     fixed: Program = []
-    for action in program:
-        if action.kind is Kind.STASH:
-            rs = Action(Kind.RESTORE, action.mb)
-            if rs in fixed:
-                fixed.insert(fixed.index(rs), action)
-                continue
+    for i, action in enumerate(program):
+        if i in late:
+            continue
+        if action.kind is Kind.RESTORE and first_rs[action.mb] == i and action.mb in moved:
+            fixed.append(moved[action.mb])
         fixed.append(action)
     return fixed
 

@@ -72,10 +72,34 @@ def peak_resident(
 @functools.lru_cache(maxsize=65536)
 def peak_candidates(program: tuple[Action, ...], cap: int | None) -> tuple[tuple[int, int], ...]:
     """The (own, partner) micro-batch counts the stage holds at some point, keeping only those
-    that can be the peak for some non-negative sizes (so a peak costs a few multiplications)."""
-    own_trace = resident_trace(program, own=1, partner=0, cap=cap)
-    partner_trace = resident_trace(program, own=0, partner=1, cap=cap)
-    points = set(zip(own_trace, partner_trace, strict=True)) or {(0, 0)}
+    that can be the peak for some non-negative sizes (so a peak costs a few multiplications).
+
+    One pass with `resident_trace`'s rules, counting own and partner micro-batches apart."""
+    own = partner = 0  # held
+    out_own = out_partner = 0  # outgoing (EV: own, RS: partner), freed at the next release
+    held = pending = 0  # in micro-batches, as `release_points` counts them
+    points = {(0, 0)} if not program else set()
+    for action in program:
+        kind = action.kind
+        if kind.allocates and pending > 0 and (cap is None or held + 1 > cap):
+            held, pending = held - pending, 0
+            own, partner, out_own, out_partner = own - out_own, partner - out_partner, 0, 0
+        if kind is Kind.F or kind is Kind.LOAD:
+            own += 1
+            held += 1
+        elif kind is Kind.STASH:
+            partner += 1
+            held += 1
+        elif kind is Kind.B:
+            own -= 1
+            held -= 1
+        elif kind is Kind.EVICT:
+            out_own += 1
+            pending += 1
+        elif kind is Kind.RESTORE:
+            out_partner += 1
+            pending += 1
+        points.add((own, partner))
     return tuple(
         sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points))
     )
