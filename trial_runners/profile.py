@@ -11,10 +11,15 @@ are run forward and backward on their own, as the real stage modules (`build_sta
   cross-entropy, fed hidden states (B, T, H) and int64 targets with their own storage.
 
 Each part is timed directly (no subtraction), so no part's time is a difference of two noisy
-medians. Forward and backward are timed separately after `warmup` untimed runs, `repeats` times,
-and the median is kept; the backward of "layer" and "embed" gets a random output gradient, the
-head's is `loss.backward()`. Parameter gradients accumulate across repetitions, as across the
-micro-batches of a step. On CUDA the device is synchronised around every timed region.
+medians. Forward and backward are timed separately, `repeats` times spread over `rounds` passes
+through every measurement (each after `warmup` untimed runs), and the median is kept; the
+backward of "layer" and "embed" gets a random output gradient, the head's is `loss.backward()`.
+Parameter gradients accumulate across repetitions, as across the micro-batches of a step. The
+forward runs under the executor's saved-tensor hooks (the exact activation count), as in a
+trial. On CUDA the device is synchronised around every timed region.
+
+The optimizer: AdamW steps over one and over four layers' parameters give the step's fixed and
+per-parameter time, at each thread count.
 
 Activation bytes are counted by `ActivationTracker` exactly as the executor counts them (saved
 storages, parameters and buffers excluded). A block's count includes its saved input, which in
@@ -98,6 +103,8 @@ class _Part:
         self.shape = (b, spec.seq_len)
         self.hidden = (b, spec.seq_len, spec.hidden_size)
         self.vocab = spec.vocab_size
+        # Timed as the executor runs a micro-batch: its saved tensors counted by the same hooks.
+        self.tracker = ActivationTracker.for_module(module)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.part == "embed":
@@ -108,19 +115,21 @@ class _Part:
         return x, None
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        return self.module(x, targets)
+        with self.tracker.capture(0):
+            return self.module(x, targets)  # type: ignore[no-any-return]
 
     def backward(self, out: torch.Tensor, grad: torch.Tensor | None) -> None:
         if grad is None:
             out.backward()
         else:
             torch.autograd.backward(out, grad)
+        self.tracker.release(0)
 
     def activation_bytes(self) -> int:
         tracker = ActivationTracker.for_module(self.module)
         x, targets = self.inputs()
         with tracker.capture(0):
-            out = self.forward(x, targets)
+            out = self.module(x, targets)
         del out
         return tracker.sizes.get(0, 0)
 
@@ -133,8 +142,10 @@ def _timed(sync: Callable[[], None], fn: Callable[[], Any]) -> tuple[float, Any]
     return time.perf_counter() - t0, result
 
 
-def _measure(p: _Part, *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, float]:
-    """Median forward and backward seconds."""
+def _measure(
+    p: _Part, *, warmup: int, repeats: int, sync: Callable[[], None]
+) -> tuple[list[float], list[float]]:
+    """Forward and backward seconds of `repeats` runs after `warmup` untimed ones."""
     fwd: list[float] = []
     bwd: list[float] = []
     for i in range(warmup + repeats):
@@ -146,7 +157,48 @@ def _measure(p: _Part, *, warmup: int, repeats: int, sync: Callable[[], None]) -
         if i >= warmup:
             fwd.append(tf)
             bwd.append(tb)
-    return statistics.median(fwd), statistics.median(bwd)
+    return fwd, bwd
+
+
+def _measure_optimizer(
+    spec: ModelSpec,
+    device: torch.device,
+    *,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    sync: Callable[[], None],
+) -> dict[int, list[float]]:
+    """Seconds of the trial's optimizer step (AdamW.step over parameters holding fresh gradients)
+    over one layer's and over four layers' parameters, by parameter count."""
+    times: dict[int, list[float]] = {}
+    for copies in (1, 4):
+        params = [
+            p
+            for _ in range(copies)
+            for p in part_module(
+                spec, "layer", flash_attention=True, recompute="none", device=device
+            ).parameters()
+        ]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        samples = []
+        for i in range(warmup + repeats):
+            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            elapsed, _ = _timed(sync, optimizer.step)
+            if i >= warmup:
+                samples.append(elapsed)
+        times[sum(p.numel() for p in params)] = samples
+    return times
+
+
+def _optimizer_fit(threads: int, times: dict[int, list[float]]) -> dict[str, Any]:
+    """fixed_s + per_param_s x parameters through the medians at two parameter counts."""
+    (small, t_small), (large, t_large) = sorted((n, statistics.median(ts)) for n, ts in times.items())
+    per_param = max(0.0, (t_large - t_small) / (large - small))
+    fixed = max(0.0, t_small - per_param * small)
+    return {"threads": threads, "fixed_s": fixed, "per_param_s": per_param}
 
 
 def _describe(e: dict[str, Any]) -> str:
@@ -225,6 +277,7 @@ def run_profile(
     recompute: list[str] = ["none", "selective", "full"],  # noqa: B006 - read only
     warmup: int = 2,
     repeats: int = 5,
+    rounds: int = 3,
     progress: Callable[[str], None] | None = None,
     comm: bool = True,
 ) -> dict[str, Any]:
@@ -232,7 +285,9 @@ def run_profile(
 
     `threads` (CPU): torch thread counts to measure at; default `default_threads()`. On CUDA the
     default is the current thread count only. `comm=False` skips the gloo measurement (null).
-    `progress` gets one line per measured (part, micro-batch size, flash, recompute, threads).
+    The `repeats` timed runs of each measurement are split over `rounds` passes through all of
+    them (each pass with its own warm-up). `progress` gets one line per pass and thread count,
+    then one per entry (part, micro-batch size, flash, recompute, threads) and per optimizer fit.
     """
     sizes = sorted(set(micro_batch_sizes))
     if threads is None:
@@ -243,41 +298,69 @@ def run_profile(
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if device == "cuda" else (lambda: None)
-    entries: list[dict[str, Any]] = []
+    # Samples of every measurement, gathered over `rounds` passes through all of them, so that a
+    # slow or fast spell of a shared machine touches every entry alike instead of a few.
+    samples: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
+    nbytes: dict[tuple[Any, ...], int] = {}
+    opt_samples: dict[int, dict[int, list[float]]] = {}
+    rounds = max(1, min(rounds, repeats))
     rng = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        for t in thread_counts:
-            # A trial runs cores // t ranks of t threads side by side; so does the profile, with
-            # companions keeping the other cores as busy as those ranks would.
-            companions = (os.cpu_count() or 1) // t - 1 if device == "cpu" else 0
-            with _companions(companions, t), _num_threads(t):
-                for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
-                    modules = {
-                        part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
-                        for part in PARTS
-                    }
-                    for b in sizes:
-                        parts = {part: _Part(spec, part, b, m, dev) for part, m in modules.items()}
-                        nbytes = {part: p.activation_bytes() for part, p in parts.items()}
-                        for part, p in parts.items():
-                            fwd, bwd = _measure(p, warmup=warmup, repeats=repeats, sync=sync)
-                            entry = {
-                                "part": part,
-                                "micro_batch_size": b,
-                                "flash_attention": fl,
-                                "recompute": rc,
-                                "threads": t,
-                                "fwd_s": fwd,
-                                "bwd_s": bwd,
-                                "activation_bytes": nbytes[part],
-                            }
-                            entries.append(entry)
-                            if progress is not None:
-                                progress(_describe(entry))
-                    del modules, parts
+        for r in range(rounds):
+            per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
+            for t in thread_counts:
+                # A trial runs cores // t ranks of t threads side by side; so does the profile,
+                # with companions keeping the other cores as busy as those ranks would.
+                companions = (os.cpu_count() or 1) // t - 1 if device == "cpu" else 0
+                with _companions(companions, t), _num_threads(t):
+                    for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
+                        modules = {
+                            part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
+                            for part in PARTS
+                        }
+                        for b in sizes:
+                            for part, module in modules.items():
+                                p = _Part(spec, part, b, module, dev)
+                                key = (part, b, fl, rc, t)
+                                if key not in nbytes:
+                                    nbytes[key] = p.activation_bytes()
+                                fwd, bwd = _measure(p, warmup=warmup, repeats=per_round, sync=sync)
+                                got = samples.setdefault(key, ([], []))
+                                got[0].extend(fwd)
+                                got[1].extend(bwd)
+                        del modules
+                    times = _measure_optimizer(
+                        spec, dev, threads=t, warmup=warmup, repeats=per_round, sync=sync
+                    )
+                    for n, ts in times.items():
+                        opt_samples.setdefault(t, {}).setdefault(n, []).extend(ts)
+                if progress is not None:
+                    progress(f"round {r + 1} of {rounds}, threads {t}: {per_round} timed runs of each part")
     finally:
         torch.random.set_rng_state(rng)
+    entries: list[dict[str, Any]] = []
+    for (part, b, fl, rc, t), (fwd, bwd) in samples.items():
+        entry = {
+            "part": part,
+            "micro_batch_size": b,
+            "flash_attention": fl,
+            "recompute": rc,
+            "threads": t,
+            "fwd_s": statistics.median(fwd),
+            "bwd_s": statistics.median(bwd),
+            "activation_bytes": nbytes[(part, b, fl, rc, t)],
+        }
+        entries.append(entry)
+        if progress is not None:
+            progress(_describe(entry))
+    optimizer = [_optimizer_fit(t, times) for t, times in opt_samples.items()]
+    if progress is not None:
+        for o in optimizer:
+            progress(
+                f"optimizer threads {o['threads']}: {o['fixed_s'] * 1e3:.3f} ms + "
+                f"{o['per_param_s'] * 1e9:.3f} ns per parameter"
+            )
     comm_figures = None
     if comm and device == "cpu":
         comm_figures = measure_p2p()
@@ -301,6 +384,7 @@ def run_profile(
         "tp": 1,
         "comm": comm_figures,
         "entries": entries,
+        "optimizer": optimizer,
     }
     parse_profile(profile)  # the dict is exactly what load_profile accepts
     return profile

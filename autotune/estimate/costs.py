@@ -222,8 +222,7 @@ def _profile_times(
     added by the caller); the embedding and head are replicated, so they are not rescaled.
     """
     key = (cfg.micro_batch_size, cfg.flash_attention, cfg.recompute)
-    # On a CPU the launcher gives each rank cores // world_size threads: time at that count.
-    threads = max(1, (os.cpu_count() or 1) // cfg.world_size) if profile.device_type == "cpu" else None
+    threads = _rank_threads(profile, cfg)
     layer = profile.lookup("layer", *key, threads=threads)
     scale = getattr(profile, "tp", 1) / cfg.tp
     fwd, bwd = layers * layer.fwd_s * scale, layers * layer.bwd_s * scale
@@ -232,6 +231,24 @@ def _profile_times(
             entry = profile.lookup(part, *key, threads=threads)
             fwd, bwd = fwd + entry.fwd_s, bwd + entry.bwd_s
     return fwd, bwd
+
+
+def _rank_threads(profile: Profile, cfg: TrialConfig) -> int | None:
+    """On a CPU the launcher gives each rank cores // world_size threads: time at that count."""
+    return max(1, (os.cpu_count() or 1) // cfg.world_size) if profile.device_type == "cpu" else None
+
+
+def optimizer_time(
+    cfg: TrialConfig, cluster: ClusterSpec, params: int, *, profile: Profile | None = None
+) -> float:
+    """The optimizer step over a rank's `params` parameters: measured by the profile where it has
+    the figure, else memory-bound (OPTIMIZER_TRAFFIC_FACTOR x bytes_per_param per parameter)."""
+    if profile is not None:
+        measured = getattr(profile, "optimizer_step_s", None)
+        step = measured(params, _rank_threads(profile, cfg)) if measured is not None else None
+        if step is not None:
+            return float(step)
+    return params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
 
 
 def _roofline_times(
@@ -357,7 +374,7 @@ def stage_costs(
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
         params = stage_params(spec, stage=s, num_stages=p, tp=tp)
-        tail = params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
+        tail = optimizer_time(cfg, cluster, params, profile=profile)
         if cfg.dp > 1:
             tail += allreduce_time(params * GRAD_BYTES, cfg.dp, *dp_link)
         out.append(

@@ -13,8 +13,13 @@ A profile file is one JSON object (written with `json`, never pickle):
  "entries": [{"part": "layer" | "embed" | "head", "micro_batch_size": b,
               "flash_attention": bool, "recompute": "none" | "selective" | "full",
               "threads": n, "fwd_s": median s, "bwd_s": median s,
-              "activation_bytes": exact saved bytes of one micro-batch}, ...]}
+              "activation_bytes": exact saved bytes of one micro-batch}, ...],
+ "optimizer": [{"threads": n, "fixed_s": s, "per_param_s": s}, ...]}   # optional
 ```
+
+"optimizer" is the AdamW step as `fixed_s + per_param_s x parameters`, fitted to steps over one
+and over four layers' parameters; files without it are read too (the cost model then uses its
+memory-traffic estimate of the step).
 
 "layer" is one transformer block, "embed" the first stage's embeddings, "head" the last stage's
 final norm, LM head and loss. A stage's saved bytes per micro-batch are exactly
@@ -85,6 +90,21 @@ class ProfileEntry:
 
 
 @dataclass(frozen=True)
+class OptimizerEntry:
+    """The optimizer step at one thread count: fixed_s + per_param_s x parameters."""
+
+    threads: int
+    fixed_s: float
+    per_param_s: float
+
+    def step_s(self, params: int) -> float:
+        return self.fixed_s + self.per_param_s * params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "fixed_s": self.fixed_s, "per_param_s": self.per_param_s}
+
+
+@dataclass(frozen=True)
 class CommProfile:
     """Point-to-point transfer between two local processes: time = bytes / bandwidth + latency."""
 
@@ -107,6 +127,7 @@ class Profile:
     tp: int
     comm: CommProfile | None
     entries: tuple[ProfileEntry, ...]
+    optimizer: tuple[OptimizerEntry, ...] = ()
     _index: dict[tuple[str, bool, str], dict[int, dict[int, ProfileEntry]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -161,6 +182,15 @@ class Profile:
             chosen = below[-1] if below else counts[0]
         return _at_size(by_threads[chosen], micro_batch_size)
 
+    def optimizer_step_s(self, params: int, threads: int | None = None) -> float | None:
+        """The measured optimizer step over `params` parameters at `threads` (chosen as in
+        `lookup`), or None where the profile has no optimizer measurement."""
+        if not self.optimizer:
+            return None
+        counts = sorted(self.optimizer, key=lambda e: e.threads)
+        below = [e for e in counts if threads is None or e.threads <= threads]
+        return (below[-1] if below else counts[0]).step_s(params)
+
     def stage_activation_bytes(
         self,
         *,
@@ -192,6 +222,7 @@ class Profile:
             if self.comm is None
             else {"p2p_bandwidth": self.comm.p2p_bandwidth, "p2p_latency": self.comm.p2p_latency},
             "entries": [e.to_dict() for e in self.entries],
+            **({"optimizer": [e.to_dict() for e in self.optimizer]} if self.optimizer else {}),
         }
 
 
@@ -342,9 +373,31 @@ def parse_profile(data: Any) -> Profile:
                 f"threads {e.threads}"
             )
         seen[key] = i
+    optimizer = _optimizer_entries(data.get("optimizer", []))
     return Profile(
-        created, device_type, device_name, device_count, dtype, torch_version, model, tp, comm, entries
-    )
+        created, device_type, device_name, device_count, dtype, torch_version, model, tp, comm, entries,
+        optimizer,
+    )  # fmt: skip
+
+
+def _optimizer_entries(raw: Any) -> tuple[OptimizerEntry, ...]:
+    if not isinstance(raw, list):
+        raise _bad(f"profile field 'optimizer' must be a list, got {type(raw).__name__}")
+    out: list[OptimizerEntry] = []
+    for i, item in enumerate(raw):
+        where = f"optimizer entry {i}"
+        if not isinstance(item, dict):
+            raise _bad(f"{where} must be a JSON object, got {type(item).__name__}")
+        threads = _get(item, "threads", int, where)
+        _positive(threads, "threads", where)
+        fixed = float(_get(item, "fixed_s", (int, float), where))
+        per_param = float(_get(item, "per_param_s", (int, float), where))
+        _positive(fixed, "fixed_s", where, zero_ok=True)
+        _positive(per_param, "per_param_s", where, zero_ok=True)
+        if any(e.threads == threads for e in out):
+            raise _bad(f"{where} repeats threads {threads}")
+        out.append(OptimizerEntry(threads, fixed, per_param))
+    return tuple(out)
 
 
 def check_compatible(profile: Profile, *, model: ModelSpec | None = None, device: str | None = None) -> None:

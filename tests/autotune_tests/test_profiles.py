@@ -204,6 +204,19 @@ def _model_changed(**changes: object) -> dict:
         (_entry_changed(activation_bytes=1.5), "entry 3 field 'activation_bytes' must be int"),
         (_entry_changed(flash_attention=1), "entry 3 field 'flash_attention' must be bool, got int"),
         (_entry_changed(micro_batch_size=2), "entry 7 repeats entry 3: part 'layer', micro-batch size 2"),
+        (make_profile(optimizer={}), "profile field 'optimizer' must be a list, got dict"),
+        (
+            make_profile(optimizer=[{"threads": 1, "fixed_s": 0.0}]),
+            "optimizer entry 0 lacks the field 'per_param_s'",
+        ),
+        (
+            make_profile(optimizer=[{"threads": 1, "fixed_s": -1.0, "per_param_s": 1e-9}]),
+            "optimizer entry 0 field 'fixed_s' must be non-negative",
+        ),
+        (
+            make_profile(optimizer=[{"threads": 1, "fixed_s": 0.0, "per_param_s": 1e-9}] * 2),
+            "optimizer entry 1 repeats threads 1",
+        ),
         (_model_changed(hidden_size="64"), "profile field 'model' is not a valid model"),
         (_model_changed(depth=3), "profile field 'model' is not a model"),
     ],
@@ -267,3 +280,37 @@ def test_make_profile_is_not_shared() -> None:
     b = copy.deepcopy(a)
     a["entries"][0]["fwd_s"] = 9.0
     assert make_profile() == b
+
+
+def test_optimizer_step_is_optional_and_chosen_by_threads(tmp_path) -> None:
+    """Files without optimizer figures still load (None: the cost model keeps its estimate); with
+    them, the step is fixed + per-parameter time at the rank's thread count, and it round-trips."""
+    assert load_profile(_write(tmp_path, make_profile())).optimizer_step_s(1000) is None
+    steps = [
+        {"threads": 1, "fixed_s": 1e-3, "per_param_s": 2e-9},
+        {"threads": 2, "fixed_s": 5e-4, "per_param_s": 1e-9},
+    ]
+    profile = load_profile(_write(tmp_path, make_profile(optimizer=steps)))
+    assert profile.optimizer_step_s(10**6, threads=1) == pytest.approx(1e-3 + 2e-3)
+    assert profile.optimizer_step_s(10**6, threads=2) == pytest.approx(5e-4 + 1e-3)
+    assert profile.optimizer_step_s(10**6, threads=8) == pytest.approx(5e-4 + 1e-3)
+    assert parse_profile(profile.to_dict()) == profile
+
+
+def test_cost_model_takes_the_optimizer_step_from_the_profile() -> None:
+    """With measured optimizer figures, a stage's tail is fixed + per-parameter time over its own
+    parameters (at the thread count its rank gets); without them, the memory-traffic estimate."""
+    from autotune.config import TrialConfig
+    from autotune.estimate.clusters import load_cluster
+    from autotune.estimate.costs import stage_costs, stage_params
+
+    steps = [{"threads": t, "fixed_s": 1e-3, "per_param_s": 1e-8} for t in (1, 2)]
+    measured = parse_profile(make_profile(optimizer=steps))
+    cfg = TrialConfig(model=load_model("tiny-gpt"), pp=2, micro_batch_size=1, num_microbatches=2)
+    cluster = load_cluster("cpu-local")
+    for s, cost in enumerate(stage_costs(cfg, cluster, profile=measured)):
+        params = stage_params(cfg.model, stage=s, num_stages=2, tp=1)
+        assert cost.tail == pytest.approx(1e-3 + 1e-8 * params)
+    plain = stage_costs(cfg, cluster, profile=parse_profile(make_profile()))
+    assert all(c.tail == pytest.approx(stage_params(cfg.model, stage=s, num_stages=2, tp=1) * 16 * 2
+               / cluster.hbm_bandwidth) for s, c in enumerate(plain))  # fmt: skip

@@ -34,7 +34,9 @@ def profiles() -> dict[str, dict]:
             progress=lines.append,
             comm=False,
         )
-        assert len(lines) == len(data["entries"]) == 2 * 2 * 3 * 3  # mbs x flash x recompute x parts
+        assert len(data["entries"]) == 2 * 2 * 3 * 3  # mbs x flash x recompute x parts
+        # a line per round (3) and thread count (1), per entry, and the optimizer step
+        assert len(lines) == 3 + len(data["entries"]) + 1
         out[name] = data
     return out
 
@@ -63,6 +65,9 @@ def test_profile_header_and_entries(profiles, name) -> None:
     keys = {(e.part, e.micro_batch_size, e.flash_attention, e.recompute) for e in profile.entries}
     assert keys == set(itertools.product(PARTS, (1, 2), (True, False), RECOMPUTE))
     assert all(e.fwd_s > 0 and e.bwd_s > 0 and e.activation_bytes > 0 for e in profile.entries)
+    # the optimizer step, measured at each thread count: more parameters take longer
+    assert [e.threads for e in profile.optimizer] == [1]
+    assert profile.optimizer_step_s(10**7) > profile.optimizer_step_s(10**3) > 0
 
 
 @pytest.mark.parametrize("name", MODELS)
