@@ -2,21 +2,25 @@
 
     python -m benchmarks.bench_estimate_accuracy [--quick] [--hidden-size 128 --num-layers 4 --seq-len 64 ...]
 
-First `trial_runners.profile.run_profile` measures the model's parts (layer, embed, head) at
-micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every thread
-count the launcher gives ranks here, plus gloo point-to-point latency and bandwidth; the
-profile goes through `save_profile` / `load_profile` as a file would. Then each configuration
-(world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute none/full, one
-global batch for all, so their step times compare) is predicted with
-`estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)` and measured
-with real trials: one `run_job` per world size runs all its configurations on the same ranks,
-`--reps` times, in alternating order (forward, then reversed), and `summarize` gives each run's
-step time (median of its measured steps, slowest rank); a configuration's measured time is the
-median of its runs' step times.
+The two sides are measured in alternation, `--reps` rounds of: a fresh profile, then one run of
+every configuration. A shared machine has slow and fast spells lasting seconds to minutes; a
+profile taken once, minutes before the trials, would carry its spell into every prediction.
+
+Each round's profile (`trial_runners.profile.run_profile`: the model's parts (layer, embed,
+head) at micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every
+thread count the launcher gives ranks here, the optimizer step, and gloo point-to-point latency
+and bandwidth) goes through `save_profile` / `load_profile` as a file would, and predicts each
+configuration (world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute
+none/full, one global batch for all, so their step times compare) with
+`estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)`. Then one
+`run_job` per world size runs all its configurations once on the same ranks (in forward order in
+even rounds, reversed in odd ones), and `summarize` gives each run's step time (median of its
+measured steps, slowest rank). A configuration's predicted and measured times are the medians
+over the rounds.
 
 Printed: per configuration the predicted and measured ms and the error; the predicted time's
 parts (the simulated pipeline of forwards, backwards and transfers, and the `tail`, the
-modelled optimizer step); the mean absolute error (target <= 10 %) and whether the
+optimizer step); the mean absolute error (target <= 10 %), each round's, and whether the
 configuration measured fastest is also predicted fastest.
 """
 
@@ -98,11 +102,15 @@ class Setup:
 @dataclass
 class Row:
     cfg: TrialConfig
-    predicted: float
-    pipeline: float  # predicted step time without the tail
-    tail: float  # the modelled optimizer step (slowest stage's)
-    stage_fb: list[float]  # predicted fwd+bwd per micro-batch, per stage
-    runs: list[float] = field(default_factory=list)  # measured step time of each run
+    pipeline: float = 0.0  # predicted step time without the tail (latest round)
+    tail: float = 0.0  # the modelled optimizer step, slowest stage's (latest round)
+    stage_fb: list[float] = field(default_factory=list)  # predicted fwd+bwd per micro-batch, per stage
+    predictions: list[float] = field(default_factory=list)  # predicted step time, each round
+    runs: list[float] = field(default_factory=list)  # measured step time, each round
+
+    @property
+    def predicted(self) -> float:
+        return statistics.median(self.predictions)
 
     @property
     def measured(self) -> float:
@@ -136,6 +144,7 @@ def make_profile(setup: Setup, spec: ModelSpec) -> Profile:
         recompute=list(RECOMPUTE),
         warmup=2,
         repeats=setup.profile_repeats,
+        rounds=2,
     )
     if setup.keep_profile:
         path = save_profile(data, setup.keep_profile)
@@ -145,21 +154,20 @@ def make_profile(setup: Setup, spec: ModelSpec) -> Profile:
         return load_profile(path, model=spec, device="cpu")
 
 
-def predict(cfg: TrialConfig, profile: Profile) -> Row:
+def predict(row: Row, profile: Profile) -> None:
     cluster = load_cluster("cpu-local", comm=profile.comm)
-    result = estimate(cfg, cluster, profile=profile)
-    costs = stage_costs(cfg, cluster, profile=profile)
+    result = estimate(row.cfg, cluster, profile=profile)
+    costs = stage_costs(row.cfg, cluster, profile=profile)
     tails = [c.tail for c in costs]
     step = float(result["step_time_s"])
-    return Row(cfg, step, step - max(tails), max(tails), [c.fwd + c.bwd for c in costs])
+    row.predictions.append(step)
+    row.pipeline, row.tail, row.stage_fb = step - max(tails), max(tails), [c.fwd + c.bwd for c in costs]
 
 
-def measure(setup: Setup, rows: list[Row], world_size: int) -> None:
-    """All configurations of one world size in one job: reps x (forward order, then reversed)."""
+def measure(setup: Setup, rows: list[Row], world_size: int, round_index: int) -> None:
+    """One run of every configuration of one world size, in one job (reversed in odd rounds)."""
     mine = [r for r in rows if r.cfg.world_size == world_size]
-    order: list[Row] = []
-    for rep in range(setup.reps):
-        order.extend(mine if rep % 2 == 0 else mine[::-1])
+    order = mine if round_index % 2 == 0 else mine[::-1]
     runs = [{"config": r.cfg.to_dict(), "steps": setup.steps, "seed": 0} for r in order]
     outcome = run_job(runs, world_size=world_size, timeout=1800.0)
     if outcome.status != "ok":
@@ -190,8 +198,9 @@ def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> 
             f"{comm.p2p_latency * 1e6:.1f} us, bandwidth {comm.p2p_bandwidth / 1e9:.2f} GB/s"
         )
     print(
-        f"measured: {setup.reps} runs per configuration (alternating order), {setup.steps} measured steps "
-        "each after one warm-up; a run's time is summarize's step_time_s, a configuration's the median"
+        f"{setup.reps} rounds of (profile, then one run of every configuration, order alternating), "
+        f"{setup.steps} measured steps per run after one warm-up; a run's time is summarize's "
+        "step_time_s; predicted and measured are the medians over the rounds"
     )
     print()
     head = (
@@ -209,6 +218,11 @@ def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> 
     print()
     mae = statistics.fmean(abs(r.error) for r in rows)
     bias = statistics.fmean(r.error for r in rows)
+    per_round = [
+        statistics.fmean(abs(r.predictions[i] - r.runs[i]) / r.runs[i] * 100.0 for r in rows)
+        for i in range(len(rows[0].runs))
+    ]
+    print("each round on its own: mean abs error " + ", ".join(f"{e:.1f} %" for e in per_round))
     for w in sorted({r.cfg.world_size for r in rows}):
         sub = [r for r in rows if r.cfg.world_size == w]
         print(
@@ -263,10 +277,12 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         "--global-batch-size", type=int, default=16, help="sequences per step, every configuration"
     )
     p.add_argument(
-        "--reps", type=int, default=None, help="runs per configuration (default 4, 2 with --quick)"
+        "--reps", type=int, default=None, help="rounds of profile + runs (default 4, 2 with --quick)"
     )
     p.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5, 3 quick)")
-    p.add_argument("--profile-repeats", type=int, default=None, help="profile repetitions (default 15, 7)")
+    p.add_argument(
+        "--profile-repeats", type=int, default=None, help="profile repetitions per round (default 8, 4)"
+    )
     p.add_argument("--keep-profile", default=None, help="also write the profile to this path")
     a = p.parse_args(argv)
     return Setup(
@@ -279,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         quick=a.quick,
         reps=a.reps or (2 if a.quick else 4),
         steps=a.steps or (3 if a.quick else 5),
-        profile_repeats=a.profile_repeats or (7 if a.quick else 15),
+        profile_repeats=a.profile_repeats or (4 if a.quick else 8),
         keep_profile=a.keep_profile,
     )
 
@@ -300,10 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for pp, b, schedule, recompute in cases
     ]
-    profile = make_profile(setup, spec)
-    rows = [predict(cfg, profile) for cfg in cfgs]
-    for w in sorted({cfg.world_size for cfg in cfgs}):
-        measure(setup, rows, w)
+    rows = [Row(cfg) for cfg in cfgs]
+    for r in range(setup.reps):
+        profile = make_profile(setup, spec)
+        for row in rows:
+            predict(row, profile)
+        for w in sorted({cfg.world_size for cfg in cfgs}):
+            measure(setup, rows, w, r)
+        print(f"round {r + 1} of {setup.reps} done", file=sys.stderr)
     report(setup, spec, profile, rows)
     return 0
 
