@@ -277,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         "--global-batch-size", type=int, default=16, help="sequences per step, every configuration"
     )
     p.add_argument(
-        "--reps", type=int, default=None, help="rounds of profile + runs (default 4, 2 with --quick)"
+        "--reps", type=int, default=None, help="rounds of profile + runs (default 8, 2 with --quick)"
     )
     p.add_argument("--steps", type=int, default=None, help="measured steps per run (default 5, 3 quick)")
     p.add_argument(
@@ -293,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         ffn_hidden_size=a.ffn_hidden_size,
         global_batch_size=a.global_batch_size,
         quick=a.quick,
-        reps=a.reps or (2 if a.quick else 4),
+        reps=a.reps or (2 if a.quick else 8),
         steps=a.steps or (3 if a.quick else 5),
         profile_repeats=a.profile_repeats or (4 if a.quick else 8),
         keep_profile=a.keep_profile,
