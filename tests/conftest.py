@@ -1,5 +1,8 @@
 """Shared fixtures: a real, throwaway PostgreSQL server for the tests that need one.
 
+The estimator's on-disk schedule cache goes to a temporary folder for the session (set before any
+test runs, so subprocesses inherit it): tests never write to the user's ~/.cache.
+
 `postgres_url` is the server (session-scoped): `$AUTOTUNE_TEST_POSTGRES_URL` when set (its role
 needs CREATEDB), else a server this fixture starts from the PostgreSQL binaries on the machine
 (`scripts/system-deps.sh` installs them) in a temporary directory, on 127.0.0.1 and a free
@@ -23,6 +26,8 @@ from pathlib import Path
 import pytest
 
 PG_ENV = "AUTOTUNE_TEST_POSTGRES_URL"
+
+os.environ.setdefault("AUTOTUNE_CACHE_DIR", tempfile.mkdtemp(prefix="autotune-test-cache-"))
 
 
 def _pg_bindir() -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,12 +17,16 @@ import numpy as np
 from autotune.config import TrialConfig, model_flops_per_token
 from autotune.estimate.clusters import ClusterSpec
 from autotune.estimate.costs import stage_costs
-from autotune.estimate.fastpath import StageArrays, step_times
+from autotune.estimate.fastpath import (
+    CompiledSchedule,
+    StageArrays,
+    compile_schedule,
+    compiled_schedule,
+    step_times,
+)
 from autotune.estimate.profiles import Profile
 from autotune.estimate.simulate import StageCosts, simulate
 from autotune.schedules import Schedule, generate
-from autotune.schedules.ir import Kind
-from autotune.schedules.memory import peak_candidates
 
 
 def schedule_of(cfg: TrialConfig) -> Schedule:
@@ -40,43 +43,19 @@ def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:
     return cfg.memory_limit or cluster.device_memory
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """What the memory report needs of a schedule, computed once per schedule."""
-
-    peaks: tuple[tuple[tuple[int, int], ...], ...]  # per stage: (own, partner) counts that can peak
-    evictions: tuple[int, ...]
-
-    @classmethod
-    def of(cls, schedule: Schedule) -> _Shape:
-        return _shape(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.cap)
-
-
-@functools.lru_cache(maxsize=1024)
-def _shape(name: str, pp: int, m: int, cap: int | None) -> _Shape:
-    schedule = _schedule(name, pp, m, cap)
-    return _Shape(
-        peaks=tuple(peak_candidates(prog, schedule.cap) for prog in schedule.programs),
-        evictions=tuple(sum(1 for a in prog if a.kind is Kind.EVICT) for prog in schedule.programs),
-    )
-
-
-def stage_report(
-    schedule: Schedule, costs: Sequence[StageCosts], shape: _Shape | None = None
-) -> list[dict[str, Any]]:
+def stage_report(schedule: Schedule | CompiledSchedule, costs: Sequence[StageCosts]) -> list[dict[str, Any]]:
     """Per-stage predicted memory, in the fields `autotune trial` measures."""
-    shape = shape or _Shape.of(schedule)
+    shape = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
     out = []
     for s, cost in enumerate(costs):
-        partner = schedule.partner[s]
+        partner = shape.partner_of(s)
         partner_bytes = costs[partner].act_bytes if partner is not None else 0
-        peak = max(a * cost.act_bytes + b * partner_bytes for a, b in shape.peaks[s])
-        evictions = shape.evictions[s]
+        peak = max(a * cost.act_bytes + b * partner_bytes for a, b in shape.peaks(s))
         out.append({
             "stage": s,
             "peak_activation_bytes": peak,
             "peak_memory_bytes": peak + cost.static_bytes,
-            "evicted_bytes": evictions * cost.act_bytes,
+            "evicted_bytes": shape.evictions_of(s) * cost.act_bytes,
         })  # fmt: skip
     return out
 
@@ -140,12 +119,11 @@ def estimate_many(
     out: list[dict[str, Any] | None] = [None] * len(configs)
     method = "profile" if profile else "roofline"
     for key, members in groups.items():
-        schedule = _schedule(*key)
+        compiled = compiled_schedule(*key)
         arrays = StageArrays.from_costs([all_costs[i] for i in members])
-        steps, bubbles = step_times(schedule, arrays)
-        shape = _Shape.of(schedule)
+        steps, bubbles = step_times(compiled, arrays)
         for i, step, bubble in zip(members, steps, bubbles, strict=True):
-            stages = stage_report(schedule, all_costs[i], shape)
+            stages = stage_report(compiled, all_costs[i])
             out[i] = _result(
                 configs[i], cluster, step=float(step), bubble=float(bubble), stages=stages, method=method
             )

@@ -15,23 +15,23 @@ it against `simulate` to floating-point precision.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from autotune.estimate import schedule_cache
 from autotune.estimate.simulate import StageCosts, needed_transfers, transfer_key
+from autotune.schedules.generators import generate
 from autotune.schedules.ir import Kind, Schedule
-from autotune.schedules.memory import release_points
+from autotune.schedules.memory import peak_candidates, release_points
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination)
 
 FWD, BWD, POST = 0, 1, 2  # op kinds
-SEND, EVICTOR, ACCEPTOR = (
-    0,
-    1,
-    2,
-)  # what a transfer's duration is: send_act[min(src, dst)], evict[src], evict[dst]
+# What a transfer's duration is: send_act[min(src, dst)], evict[src] or evict[dst].
+SEND, EVICTOR, ACCEPTOR = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,15 @@ class CompiledSchedule:
     -1) and the transfers each waits for (`wait_slots[wait_ptr[i]:wait_ptr[i + 1]]`).
     Transfers (slots): `src`, `dst`, `link` (one index per directed link and family: p2p or the
     BPipe pair link), and the duration's source (`duration_kind` of `duration_stage`).
+    What the memory report needs: each stage's BPipe `partner` (-1: none), the (own, partner)
+    micro-batch counts that can be its peak (`peak_pairs[peak_ptr[s]:peak_ptr[s + 1]]`) and how
+    many evictions its program has.
     """
 
     name: str
     num_stages: int
     num_microbatches: int
+    cap: int | None
     stage: np.ndarray
     kind: np.ndarray
     slot: np.ndarray
@@ -58,67 +62,52 @@ class CompiledSchedule:
     duration_kind: np.ndarray
     duration_stage: np.ndarray
     num_links: int
+    partner: np.ndarray
+    peak_pairs: np.ndarray  # (K, 2)
+    peak_ptr: np.ndarray
+    evictions: np.ndarray
+
+    def __post_init__(self) -> None:  # the memory report's view, as plain Python (read per config)
+        pairs = [(int(a), int(b)) for a, b in self.peak_pairs]
+        ptr = [int(x) for x in self.peak_ptr]
+        peaks = [tuple(pairs[ptr[s] : ptr[s + 1]]) for s in range(self.num_stages)]
+        object.__setattr__(self, "_peaks", peaks)
+        object.__setattr__(self, "_partners", [None if q < 0 else int(q) for q in self.partner])
+        object.__setattr__(self, "_evictions", [int(e) for e in self.evictions])
 
     @property
     def num_ops(self) -> int:
         return len(self.stage)
 
+    def peaks(self, stage: int) -> tuple[tuple[int, int], ...]:
+        """(own, partner) micro-batch counts one of which is the stage's peak, for any sizes."""
+        return self._peaks[stage]  # type: ignore[attr-defined, no-any-return]
 
-def _order(schedule: Schedule) -> list[tuple[int, int, tuple[TransferKey, ...], TransferKey | None]]:
-    """(stage, kind, waits, posted transfer) of every action, in an order that respects every
-    dependency: stage by stage, each as far as the transfers it waits for have both ends posted.
+    def partner_of(self, stage: int) -> int | None:
+        return self._partners[stage]  # type: ignore[attr-defined, no-any-return]
 
-    What an action waits for depends only on its own stage's program (`needed_transfers`: a
-    backward waits for a load its own stage posted earlier), so it is worked out once per action."""
-    p = schedule.num_stages
-    everything: set[TransferKey] = set()
-    programs: list[list[tuple[int, int, tuple[TransferKey, ...], TransferKey | None]]] = []
-    for s, program in enumerate(schedule.programs):
-        keys = [None if a.kind.is_compute else transfer_key(schedule, s, a) for a in program]
-        everything.update(k for k in keys if k is not None)
-        programs.append([(s, 0, (), key) for key in keys])
-    for s, program in enumerate(schedule.programs):
-        outgoing: list[TransferKey] = []
-        own_posts: set[TransferKey] = set()
-        releases = release_points(program, schedule.cap)
-        for i, (action, release) in enumerate(zip(program, releases, strict=True)):
-            waits = tuple(needed_transfers(schedule, s, action, outgoing if release else [], own_posts))
-            if release:
-                outgoing = []
-            key = programs[s][i][3]
-            if key is not None:
-                own_posts.add(key)
-                if action.kind in (Kind.EVICT, Kind.RESTORE):
-                    outgoing.append(key)
-            kind = POST if key is not None else (FWD if action.kind is Kind.F else BWD)
-            programs[s][i] = (s, kind, waits, key)
-    pc = [0] * p
-    posted: dict[TransferKey, int] = dict.fromkeys(everything, 0)
-    ops: list[tuple[int, int, tuple[TransferKey, ...], TransferKey | None]] = []
-    progressed = True
-    while progressed:
-        progressed = False
-        for s in range(p):
-            program_ops = programs[s]
-            i = pc[s]
-            while i < len(program_ops):
-                op = program_ops[i]
-                if any(posted.get(key, 0) < 2 for key in op[2]):
-                    break
-                if op[3] is not None:
-                    posted[op[3]] += 1
-                ops.append(op)
-                i += 1
-            if i > pc[s]:
-                pc[s] = i
-                progressed = True
-    if any(pc[s] < len(programs[s]) for s in range(p)):
-        raise ValueError("the programs deadlock; run simulate() for the grid")
-    return ops
+    def evictions_of(self, stage: int) -> int:
+        return self._evictions[stage]  # type: ignore[attr-defined, no-any-return]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: np.asarray(getattr(self, f), dtype=np.int64) for f in _ARRAY_FIELDS}
+
+
+_ARRAY_FIELDS = (
+    "stage", "kind", "slot", "wait_ptr", "wait_slots", "src", "dst", "link", "duration_kind",
+    "duration_stage", "partner", "peak_pairs", "peak_ptr", "evictions",
+)  # fmt: skip
+_STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links)
 
 
 def _encode(schedule: Schedule) -> CompiledSchedule:
-    ops = _order(schedule)
+    """The schedule's actions as arrays, in an order that respects every dependency: stage by
+    stage, each as far as the transfers it waits for have both ends posted.
+
+    What an action waits for depends only on its own stage's program (`needed_transfers`: a
+    backward waits for a load its own stage posted earlier), so it is worked out once per action;
+    transfers are numbered (slots) as they are first met."""
+    p = schedule.num_stages
     slots: dict[TransferKey, int] = {}
     links: dict[tuple[bool, int, int], int] = {}
     src: list[int] = []
@@ -128,10 +117,11 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
     duration_stage: list[int] = []
 
     def slot_of(key: TransferKey) -> int:
-        if key not in slots:
+        slot = slots.get(key)
+        if slot is None:
             family, _, a, b = key
             pair = family in ("evict", "load")
-            slots[key] = len(src)
+            slot = slots[key] = len(src)
             src.append(a)
             dst.append(b)
             link.append(links.setdefault((pair, a, b), len(links)))
@@ -144,25 +134,70 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
             else:
                 duration_kind.append(ACCEPTOR)
                 duration_stage.append(b)
-        return slots[key]
+        return slot
 
+    no_transfers: list[TransferKey] = []
+    programs: list[list[tuple[int, tuple[int, ...], int]]] = []  # per stage: (kind, wait slots, post slot)
+    for s, program in enumerate(schedule.programs):
+        outgoing: list[TransferKey] = []
+        own_posts: set[TransferKey] = set()
+        ops: list[tuple[int, tuple[int, ...], int]] = []
+        for action, release in zip(program, release_points(program, schedule.cap), strict=True):
+            kind = action.kind
+            waits = needed_transfers(schedule, s, action, outgoing if release else no_transfers, own_posts)
+            if release:
+                outgoing = []
+            if kind is Kind.F or kind is Kind.B:
+                ops.append((FWD if kind is Kind.F else BWD, tuple(map(slot_of, waits)), -1))
+                continue
+            key = transfer_key(schedule, s, action)
+            own_posts.add(key)
+            if kind is Kind.EVICT or kind is Kind.RESTORE:
+                outgoing.append(key)
+            ops.append((POST, tuple(map(slot_of, waits)), slot_of(key)))
+        programs.append(ops)
+    posted = [0] * len(src)
+    pc = [0] * p
+    stage: list[int] = []
+    kinds: list[int] = []
+    post_slot: list[int] = []
     wait_ptr = [0]
     wait_slots: list[int] = []
-    post_slot: list[int] = []
-    for _, _, waits, post in ops:
-        wait_slots += [slot_of(key) for key in waits]
-        wait_ptr.append(len(wait_slots))
-        post_slot.append(slot_of(post) if post is not None else -1)
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(p):
+            ops = programs[s]
+            i = pc[s]
+            while i < len(ops):
+                code, wait_ids, post = ops[i]
+                if any(posted[w] < 2 for w in wait_ids):
+                    break
+                if post >= 0:
+                    posted[post] += 1
+                stage.append(s)
+                kinds.append(code)
+                post_slot.append(post)
+                wait_slots.extend(wait_ids)
+                wait_ptr.append(len(wait_slots))
+                i += 1
+            if i > pc[s]:
+                pc[s] = i
+                progressed = True
+    if any(pc[s] < len(programs[s]) for s in range(p)):
+        raise ValueError("the programs deadlock; run simulate() for the grid")
 
     def array(values: list[int]) -> np.ndarray:
         return np.array(values, dtype=np.int64)
 
+    peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
     return CompiledSchedule(
         name=schedule.name,
         num_stages=schedule.num_stages,
         num_microbatches=schedule.num_microbatches,
-        stage=array([op[0] for op in ops]),
-        kind=array([op[1] for op in ops]),
+        cap=schedule.cap,
+        stage=array(stage),
+        kind=array(kinds),
         slot=array(post_slot),
         wait_ptr=array(wait_ptr),
         wait_slots=array(wait_slots),
@@ -172,10 +207,30 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
         duration_kind=array(duration_kind),
         duration_stage=array(duration_stage),
         num_links=len(links),
+        partner=array([-1 if q is None else q for q in schedule.partner]),
+        peak_pairs=np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64).reshape(
+            -1, 2
+        ),
+        peak_ptr=array([0, *itertools.accumulate(len(x) for x in peaks)]),
+        evictions=array([sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs]),
     )
 
 
 _COMPILED: dict[tuple[str, int, int, int | None], CompiledSchedule] = {}
+
+
+def compiled_schedule(name: str, p: int, m: int, cap: int | None = None) -> CompiledSchedule:
+    """The fast path's arrays for schedule `name` with p stages and m micro-batches: from memory,
+    else from the on-disk cache (`schedule_cache`), else generated and compiled (and stored)."""
+    key = (name, p, m, cap)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _from_disk(*key)
+        if compiled is None:
+            compiled = _encode(generate(name, p, m, cap=cap))
+            schedule_cache.store(*key, {**compiled.arrays(), "sizes": _sizes(compiled)})
+        _remember(key, compiled)
+    return compiled
 
 
 def compile_schedule(schedule: Schedule) -> CompiledSchedule:
@@ -183,10 +238,36 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
     key = (schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.cap)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        if len(_COMPILED) >= 1024:
-            _COMPILED.clear()
-        compiled = _COMPILED[key] = _encode(schedule)
+        compiled = _encode(schedule)
+        _remember(key, compiled)
     return compiled
+
+
+def _remember(key: tuple[str, int, int, int | None], compiled: CompiledSchedule) -> None:
+    if len(_COMPILED) >= 1024:
+        _COMPILED.clear()
+    _COMPILED[key] = compiled
+
+
+def _sizes(c: CompiledSchedule) -> np.ndarray:
+    return np.array(
+        [c.num_stages, c.num_microbatches, -1 if c.cap is None else c.cap, c.num_links], dtype=np.int64
+    )
+
+
+def _from_disk(name: str, p: int, m: int, cap: int | None) -> CompiledSchedule | None:
+    data = schedule_cache.load(name, p, m, cap, _STORED)
+    if data is None:
+        return None
+    sizes = data.pop("sizes")
+    if sizes.shape != (4,) or int(sizes[0]) != p or int(sizes[1]) != m:
+        return None
+    stored_cap = None if int(sizes[2]) < 0 else int(sizes[2])
+    if cap is not None and stored_cap != cap:
+        return None
+    return CompiledSchedule(
+        name=name, num_stages=p, num_microbatches=m, cap=stored_cap, num_links=int(sizes[3]), **data
+    )
 
 
 def _replay(
@@ -289,9 +370,9 @@ class StageArrays:
         return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), grab("tail"))
 
 
-def finish_times(schedule: Schedule, arrays: StageArrays) -> np.ndarray:
+def finish_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> np.ndarray:
     """(N, p): when each stage of each configuration is done with compute and transfers."""
-    c = compile_schedule(schedule)
+    c = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
     durations = [
         np.ascontiguousarray(a, dtype=np.float64)
         for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict)
@@ -302,7 +383,7 @@ def finish_times(schedule: Schedule, arrays: StageArrays) -> np.ndarray:
     )  # fmt: skip
 
 
-def step_times(schedule: Schedule, arrays: StageArrays) -> tuple[np.ndarray, np.ndarray]:
+def step_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> tuple[np.ndarray, np.ndarray]:
     """(step time, bubble fraction) of each configuration, all sharing `schedule`."""
     finish = finish_times(schedule, arrays)
     p, m = schedule.num_stages, schedule.num_microbatches
@@ -313,4 +394,6 @@ def step_times(schedule: Schedule, arrays: StageArrays) -> tuple[np.ndarray, np.
     return step, bubble
 
 
-__all__ = ["CompiledSchedule", "StageArrays", "compile_schedule", "finish_times", "step_times"]
+__all__ = [
+    "CompiledSchedule", "StageArrays", "compile_schedule", "compiled_schedule", "finish_times", "step_times",
+]  # fmt: skip

@@ -78,11 +78,6 @@ class DeadlockError(RuntimeError):
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source stage, destination stage)
 
-_FAMILY = {
-    Kind.SEND_F: "act", Kind.RECV_F: "act", Kind.SEND_B: "grad", Kind.RECV_B: "grad",
-    Kind.EVICT: "evict", Kind.STASH: "evict", Kind.RESTORE: "load", Kind.LOAD: "load",
-}  # fmt: skip
-
 
 def needed_transfers(
     schedule: Schedule,
@@ -110,17 +105,22 @@ def needed_transfers(
     return out
 
 
+# For each transfer action: its family, the peer's offset from the stage (None: the BPipe
+# partner), and whether the stage sends.
+_TRANSFER = {
+    Kind.SEND_F: ("act", 1, True), Kind.RECV_F: ("act", -1, False),
+    Kind.SEND_B: ("grad", -1, True), Kind.RECV_B: ("grad", 1, False),
+    Kind.EVICT: ("evict", None, True), Kind.STASH: ("evict", None, False),
+    Kind.RESTORE: ("load", None, True), Kind.LOAD: ("load", None, False),
+}  # fmt: skip
+
+
 def transfer_key(schedule: Schedule, stage: int, action: Action) -> TransferKey:
     """The transfer an action posts one end of."""
-    family = _FAMILY[action.kind]
-    partner = schedule.partner[stage]
-    peer = {
-        Kind.SEND_F: stage + 1, Kind.RECV_F: stage - 1, Kind.SEND_B: stage - 1, Kind.RECV_B: stage + 1,
-    }.get(action.kind, partner)  # fmt: skip
+    family, offset, sending = _TRANSFER[action.kind]
+    peer = schedule.partner[stage] if offset is None else stage + offset
     assert peer is not None, f"stage {stage} has no peer for {action}"
-    sending = action.kind in (Kind.SEND_F, Kind.SEND_B, Kind.EVICT, Kind.RESTORE)
-    src, dst = (stage, peer) if sending else (peer, stage)
-    return (family, action.mb, src, dst)
+    return (family, action.mb, stage, peer) if sending else (family, action.mb, peer, stage)
 
 
 class _Transfer:

@@ -40,12 +40,17 @@ class Kind(enum.Enum):
 
     @property
     def is_compute(self) -> bool:
-        return self in (Kind.F, Kind.B)
+        return self._compute  # type: ignore[attr-defined, no-any-return]
 
     @property
     def allocates(self) -> bool:
         """Actions before which outgoing bulk transfers (EV, RS) are waited on and freed."""
-        return self in (Kind.F, Kind.LOAD, Kind.STASH)
+        return self._allocates  # type: ignore[attr-defined, no-any-return]
+
+
+for _kind in Kind:  # plain attributes: these are asked once per action in every pass over a program
+    _kind._compute = _kind in (Kind.F, Kind.B)  # type: ignore[attr-defined]
+    _kind._allocates = _kind in (Kind.F, Kind.LOAD, Kind.STASH)  # type: ignore[attr-defined]
 
 
 _BY_TOKEN = {k.value: k for k in Kind}
