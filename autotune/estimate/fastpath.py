@@ -234,13 +234,19 @@ def compiled_schedule(name: str, p: int, m: int, cap: int | None = None) -> Comp
 
 
 def compile_schedule(schedule: Schedule) -> CompiledSchedule:
-    """The fast path's arrays for `schedule` (cached per name, sizes and cap)."""
-    key = (schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.cap)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = _encode(schedule)
-        _remember(key, compiled)
+    """The fast path's arrays for this `schedule` object (kept while it is the one asked about:
+    a hand-made schedule with a generated one's name and sizes gets its own arrays)."""
+    entry = _BY_OBJECT.get(id(schedule))
+    if entry is not None and entry[0] is schedule:
+        return entry[1]
+    compiled = _encode(schedule)
+    if len(_BY_OBJECT) >= 1024:
+        _BY_OBJECT.clear()
+    _BY_OBJECT[id(schedule)] = (schedule, compiled)
     return compiled
+
+
+_BY_OBJECT: dict[int, tuple[Schedule, CompiledSchedule]] = {}
 
 
 def _remember(key: tuple[str, int, int, int | None], compiled: CompiledSchedule) -> None:

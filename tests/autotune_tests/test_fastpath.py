@@ -72,3 +72,18 @@ def test_compiled_loop_equals_plain_python_and_long_schedules() -> None:
     steps, _ = step_times(schedule, arrays)
     for row, step in zip(rows, steps, strict=True):
         assert step == pytest.approx(simulate(schedule, row).step_time, rel=1e-12)
+
+
+def test_a_hand_made_schedule_is_not_mistaken_for_the_generated_one() -> None:
+    """Two schedules with the same name and sizes but different programs get their own arrays:
+    a broken hand-made copy of a compiled schedule is still found to deadlock."""
+    from dataclasses import replace
+
+    from autotune.estimate.fastpath import compile_schedule
+
+    schedule = generate("gpipe", 2, 4)
+    assert compile_schedule(schedule).num_ops == sum(len(p) for p in schedule.programs)
+    programs = list(schedule.programs)
+    programs[0] = programs[0][10:] + programs[0][:10]  # stage 0 waits for gradients first
+    with pytest.raises(ValueError, match="deadlock"):
+        compile_schedule(replace(schedule, programs=tuple(programs)))
