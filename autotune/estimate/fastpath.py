@@ -5,12 +5,13 @@ an action starts at the max of its stage's clock and the ends of the transfers i
 and ends a duration later; a transfer starts at the max of its two posts and its link's last
 end. The only choice the event loop makes is the order of transfers on a link, and that is the
 sender's program order (one sender per directed link), so the recurrences can be run in any
-order that respects the dependencies. `compile_schedule` fixes one such order once per
-(schedule, p, m, cap) and encodes it as integer arrays (each action's stage, kind, the
-transfers it waits for or posts; each transfer's link and duration); `step_times` replays
-those arrays for every configuration in a compiled loop (numba), a few nanoseconds per action,
-so screening a space of thousands of configurations takes a fraction of a second. Tests check
-it against `simulate` to floating-point precision.
+order that respects the dependencies. `compiled_schedule(name, p, m, cap)` fixes one such
+order once and encodes it as integer arrays (each action's stage, kind, the transfers it waits
+for or posts; each transfer's link and duration), kept in memory and on disk
+(`schedule_cache`); `compile_schedule(schedule)` does the same for a given Schedule object.
+`step_times` replays those arrays for every configuration in a compiled loop (numba), a few
+nanoseconds per action, so screening a space of thousands of configurations takes a fraction
+of a second. Tests check it against `simulate` to floating-point precision.
 """
 
 from __future__ import annotations
