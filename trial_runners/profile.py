@@ -267,6 +267,60 @@ def _check_args(
         raise ConfigError("--recompute", f"must be among {', '.join(RECOMPUTE)}, got {recompute!r}")
 
 
+class _Samples:
+    """Timings of every (part, micro-batch size, flash, recompute, threads) and of the optimizer
+    step, gathered over several passes; medians at the end."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, sync: Callable[[], None], *, warmup: int):
+        self.spec, self.device, self.sync, self.warmup = spec, device, sync, warmup
+        self.times: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
+        self.nbytes: dict[tuple[Any, ...], int] = {}
+        self.optimizer_times: dict[int, dict[int, list[float]]] = {}
+
+    def one_pass(
+        self, threads: int, sizes: list[int], flash: list[bool], recompute: list[str], *, repeats: int
+    ) -> None:
+        """`repeats` timed runs of every part at `threads`, and of the optimizer step."""
+        spec, dev = self.spec, self.device
+        for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
+            modules = {
+                part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev) for part in PARTS
+            }
+            for b in sizes:
+                for part, module in modules.items():
+                    p = _Part(spec, part, b, module, dev)
+                    key = (part, b, fl, rc, threads)
+                    if key not in self.nbytes:
+                        self.nbytes[key] = p.activation_bytes()
+                    fwd, bwd = _measure(p, warmup=self.warmup, repeats=repeats, sync=self.sync)
+                    got = self.times.setdefault(key, ([], []))
+                    got[0].extend(fwd)
+                    got[1].extend(bwd)
+        steps = _measure_optimizer(
+            spec, dev, threads=threads, warmup=self.warmup, repeats=repeats, sync=self.sync
+        )
+        for n, ts in steps.items():
+            self.optimizer_times.setdefault(threads, {}).setdefault(n, []).extend(ts)
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "part": part,
+                "micro_batch_size": b,
+                "flash_attention": fl,
+                "recompute": rc,
+                "threads": t,
+                "fwd_s": statistics.median(fwd),
+                "bwd_s": statistics.median(bwd),
+                "activation_bytes": self.nbytes[(part, b, fl, rc, t)],
+            }
+            for (part, b, fl, rc, t), (fwd, bwd) in self.times.items()
+        ]
+
+    def optimizer(self) -> list[dict[str, Any]]:
+        return [_optimizer_fit(t, times) for t, times in self.optimizer_times.items()]
+
+
 def run_profile(
     spec: ModelSpec,
     *,
@@ -300,9 +354,7 @@ def run_profile(
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if device == "cuda" else (lambda: None)
     # Samples of every measurement, gathered over `rounds` passes through all of them, so that a
     # slow or fast spell of a shared machine touches every entry alike instead of a few.
-    samples: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
-    nbytes: dict[tuple[Any, ...], int] = {}
-    opt_samples: dict[int, dict[int, list[float]]] = {}
+    collected = _Samples(spec, dev, sync, warmup=warmup)
     rounds = max(1, min(rounds, repeats))
     rng = torch.random.get_rng_state()
     torch.manual_seed(0)
@@ -314,48 +366,16 @@ def run_profile(
                 # with companions keeping the other cores as busy as those ranks would.
                 companions = (os.cpu_count() or 1) // t - 1 if device == "cpu" else 0
                 with _companions(companions, t), _num_threads(t):
-                    for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
-                        modules = {
-                            part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev)
-                            for part in PARTS
-                        }
-                        for b in sizes:
-                            for part, module in modules.items():
-                                p = _Part(spec, part, b, module, dev)
-                                key = (part, b, fl, rc, t)
-                                if key not in nbytes:
-                                    nbytes[key] = p.activation_bytes()
-                                fwd, bwd = _measure(p, warmup=warmup, repeats=per_round, sync=sync)
-                                got = samples.setdefault(key, ([], []))
-                                got[0].extend(fwd)
-                                got[1].extend(bwd)
-                        del modules
-                    times = _measure_optimizer(
-                        spec, dev, threads=t, warmup=warmup, repeats=per_round, sync=sync
-                    )
-                    for n, ts in times.items():
-                        opt_samples.setdefault(t, {}).setdefault(n, []).extend(ts)
+                    collected.one_pass(t, sizes, flash, recompute, repeats=per_round)
                 if progress is not None:
                     progress(f"round {r + 1} of {rounds}, threads {t}: {per_round} timed runs of each part")
     finally:
         torch.random.set_rng_state(rng)
-    entries: list[dict[str, Any]] = []
-    for (part, b, fl, rc, t), (fwd, bwd) in samples.items():
-        entry = {
-            "part": part,
-            "micro_batch_size": b,
-            "flash_attention": fl,
-            "recompute": rc,
-            "threads": t,
-            "fwd_s": statistics.median(fwd),
-            "bwd_s": statistics.median(bwd),
-            "activation_bytes": nbytes[(part, b, fl, rc, t)],
-        }
-        entries.append(entry)
-        if progress is not None:
-            progress(_describe(entry))
-    optimizer = [_optimizer_fit(t, times) for t, times in opt_samples.items()]
+    entries = collected.entries()
+    optimizer = collected.optimizer()
     if progress is not None:
+        for entry in entries:
+            progress(_describe(entry))
         for o in optimizer:
             progress(
                 f"optimizer threads {o['threads']}: {o['fixed_s'] * 1e3:.3f} ms + "

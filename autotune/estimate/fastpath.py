@@ -17,6 +17,7 @@ of a second. Tests check it against `simulate` to floating-point precision.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,119 +102,121 @@ _ARRAY_FIELDS = (
 _STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links)
 
 
-def _encode(schedule: Schedule) -> CompiledSchedule:
-    """The schedule's actions as arrays, in an order that respects every dependency: stage by
-    stage, each as far as the transfers it waits for have both ends posted.
+StageOp = tuple[int, tuple[int, ...], int]  # (kind, transfer slots waited for, slot posted or -1)
 
-    What an action waits for depends only on its own stage's program (`needed_transfers`: a
-    backward waits for a load its own stage posted earlier), so it is worked out once per action;
-    transfers are numbered (slots) as they are first met."""
-    p = schedule.num_stages
-    slots: dict[TransferKey, int] = {}
-    links: dict[tuple[bool, int, int], int] = {}
-    src: list[int] = []
-    dst: list[int] = []
-    link: list[int] = []
-    duration_kind: list[int] = []
-    duration_stage: list[int] = []
 
-    def slot_of(key: TransferKey) -> int:
-        slot = slots.get(key)
+class _Slots:
+    """Transfers numbered as they are first met, with what the replay needs of each."""
+
+    def __init__(self) -> None:
+        self.index: dict[TransferKey, int] = {}
+        self.links: dict[tuple[bool, int, int], int] = {}
+        self.src: list[int] = []
+        self.dst: list[int] = []
+        self.link: list[int] = []
+        self.duration_kind: list[int] = []
+        self.duration_stage: list[int] = []
+
+    def __call__(self, key: TransferKey) -> int:
+        slot = self.index.get(key)
         if slot is None:
             family, _, a, b = key
             pair = family in ("evict", "load")
-            slot = slots[key] = len(src)
-            src.append(a)
-            dst.append(b)
-            link.append(links.setdefault((pair, a, b), len(links)))
+            slot = self.index[key] = len(self.src)
+            self.src.append(a)
+            self.dst.append(b)
+            self.link.append(self.links.setdefault((pair, a, b), len(self.links)))
             if not pair:
-                duration_kind.append(SEND)
-                duration_stage.append(min(a, b))
-            elif family == "evict":
-                duration_kind.append(EVICTOR)
-                duration_stage.append(a)
+                kind, stage = SEND, min(a, b)
             else:
-                duration_kind.append(ACCEPTOR)
-                duration_stage.append(b)
+                kind, stage = (EVICTOR, a) if family == "evict" else (ACCEPTOR, b)
+            self.duration_kind.append(kind)
+            self.duration_stage.append(stage)
         return slot
 
-    no_transfers: list[TransferKey] = []
-    programs: list[list[tuple[int, tuple[int, ...], int]]] = []  # per stage: (kind, wait slots, post slot)
-    for s, program in enumerate(schedule.programs):
-        outgoing: list[TransferKey] = []
-        own_posts: set[TransferKey] = set()
-        ops: list[tuple[int, tuple[int, ...], int]] = []
-        for action, release in zip(program, release_points(program, schedule.cap), strict=True):
-            kind = action.kind
-            waits = needed_transfers(schedule, s, action, outgoing if release else no_transfers, own_posts)
-            if release:
-                outgoing = []
-            if kind is Kind.F or kind is Kind.B:
-                ops.append((FWD if kind is Kind.F else BWD, tuple(map(slot_of, waits)), -1))
-                continue
-            key = transfer_key(schedule, s, action)
-            own_posts.add(key)
-            if kind is Kind.EVICT or kind is Kind.RESTORE:
-                outgoing.append(key)
-            ops.append((POST, tuple(map(slot_of, waits)), slot_of(key)))
-        programs.append(ops)
-    posted = [0] * len(src)
-    pc = [0] * p
-    stage: list[int] = []
-    kinds: list[int] = []
-    post_slot: list[int] = []
-    wait_ptr = [0]
-    wait_slots: list[int] = []
+
+def _stage_ops(schedule: Schedule, s: int, slots: _Slots) -> list[StageOp]:
+    """Stage s's actions with what each waits for. That depends only on the stage's own program
+    (`needed_transfers`: a backward waits for a load its own stage posted earlier), so it is
+    worked out once per action."""
+    program = schedule.programs[s]
+    outgoing: list[TransferKey] = []
+    own_posts: set[TransferKey] = set()
+    ops: list[StageOp] = []
+    for action, release in zip(program, release_points(program, schedule.cap), strict=True):
+        kind = action.kind
+        waits = needed_transfers(schedule, s, action, outgoing if release else [], own_posts)
+        if release:
+            outgoing = []
+        if kind is Kind.F or kind is Kind.B:
+            ops.append((FWD if kind is Kind.F else BWD, tuple(map(slots, waits)), -1))
+            continue
+        key = transfer_key(schedule, s, action)
+        own_posts.add(key)
+        if kind is Kind.EVICT or kind is Kind.RESTORE:
+            outgoing.append(key)
+        ops.append((POST, tuple(map(slots, waits)), slots(key)))
+    return ops
+
+
+def _dependency_order(programs: list[list[StageOp]], num_slots: int) -> list[tuple[int, StageOp]]:
+    """(stage, op) in an order that respects every dependency: stage by stage, each as far as
+    the transfers it waits for have both ends posted."""
+    posted = [0] * num_slots
+    pc = [0] * len(programs)
+    order: list[tuple[int, StageOp]] = []
     progressed = True
     while progressed:
         progressed = False
-        for s in range(p):
-            ops = programs[s]
+        for s, ops in enumerate(programs):
             i = pc[s]
             while i < len(ops):
-                code, wait_ids, post = ops[i]
-                if any(posted[w] < 2 for w in wait_ids):
+                op = ops[i]
+                if any(posted[w] < 2 for w in op[1]):
                     break
-                if post >= 0:
-                    posted[post] += 1
-                stage.append(s)
-                kinds.append(code)
-                post_slot.append(post)
-                wait_slots.extend(wait_ids)
-                wait_ptr.append(len(wait_slots))
+                if op[2] >= 0:
+                    posted[op[2]] += 1
+                order.append((s, op))
                 i += 1
             if i > pc[s]:
                 pc[s] = i
                 progressed = True
-    if any(pc[s] < len(programs[s]) for s in range(p)):
+    if any(pc[s] < len(ops) for s, ops in enumerate(programs)):
         raise ValueError("the programs deadlock; run simulate() for the grid")
+    return order
 
-    def array(values: list[int]) -> np.ndarray:
-        return np.array(values, dtype=np.int64)
+
+def _encode(schedule: Schedule) -> CompiledSchedule:
+    """The schedule's actions as arrays, in a dependency order, with their transfers' slots."""
+    slots = _Slots()
+    programs = [_stage_ops(schedule, s, slots) for s in range(schedule.num_stages)]
+    order = _dependency_order(programs, len(slots.src))
+
+    def array(values: Iterable[int]) -> np.ndarray:
+        return np.fromiter(values, dtype=np.int64)
 
     peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
+    pairs = np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64)
     return CompiledSchedule(
         name=schedule.name,
         num_stages=schedule.num_stages,
         num_microbatches=schedule.num_microbatches,
         cap=schedule.cap,
-        stage=array(stage),
-        kind=array(kinds),
-        slot=array(post_slot),
-        wait_ptr=array(wait_ptr),
-        wait_slots=array(wait_slots),
-        src=array(src),
-        dst=array(dst),
-        link=array(link),
-        duration_kind=array(duration_kind),
-        duration_stage=array(duration_stage),
-        num_links=len(links),
-        partner=array([-1 if q is None else q for q in schedule.partner]),
-        peak_pairs=np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64).reshape(
-            -1, 2
-        ),
-        peak_ptr=array([0, *itertools.accumulate(len(x) for x in peaks)]),
-        evictions=array([sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs]),
+        stage=array(s for s, _ in order),
+        kind=array(op[0] for _, op in order),
+        slot=array(op[2] for _, op in order),
+        wait_ptr=array(itertools.accumulate((len(op[1]) for _, op in order), initial=0)),
+        wait_slots=array(w for _, op in order for w in op[1]),
+        src=array(slots.src),
+        dst=array(slots.dst),
+        link=array(slots.link),
+        duration_kind=array(slots.duration_kind),
+        duration_stage=array(slots.duration_stage),
+        num_links=len(slots.links),
+        partner=array(-1 if q is None else q for q in schedule.partner),
+        peak_pairs=pairs.reshape(-1, 2),
+        peak_ptr=array(itertools.accumulate((len(x) for x in peaks), initial=0)),
+        evictions=array(sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs),
     )
 
 
