@@ -30,7 +30,12 @@ from autotune.schedules import Schedule, generate
 
 
 def schedule_of(cfg: TrialConfig) -> Schedule:
-    return _schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None)
+    return _schedule(*_key(cfg))
+
+
+def _key(cfg: TrialConfig) -> tuple[str, int, int, int | None]:
+    """What a configuration's schedule is generated from: name, p, m and cap (None: default)."""
+    return cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -98,9 +103,10 @@ def estimate(
     schedule = schedule_of(cfg)
     costs = stage_costs(cfg, cluster, profile=profile)
     sim = simulate(schedule, costs, record=record)
+    stages = stage_report(compiled_schedule(*_key(cfg)), costs)  # the peaks: cached, as for screening
     result = _result(
-        cfg, cluster, step=sim.step_time, bubble=sim.bubble_fraction,
-        stages=stage_report(schedule, costs), method="profile" if profile else "roofline",
+        cfg, cluster, step=sim.step_time, bubble=sim.bubble_fraction, stages=stages,
+        method="profile" if profile else "roofline",
     )  # fmt: skip
     result["exposed_transfer_s"] = sim.exposed_transfer
     if record:
@@ -114,7 +120,7 @@ def estimate_many(
     """`estimate` for many configurations (no timelines), batched by schedule."""
     groups: dict[tuple[str, int, int, int | None], list[int]] = defaultdict(list)
     for i, cfg in enumerate(configs):
-        groups[(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None)].append(i)
+        groups[_key(cfg)].append(i)
     all_costs = [stage_costs(cfg, cluster, profile=profile) for cfg in configs]
     out: list[dict[str, Any] | None] = [None] * len(configs)
     method = "profile" if profile else "roofline"
