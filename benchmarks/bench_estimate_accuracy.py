@@ -40,6 +40,7 @@ from autotune.estimate.clusters import load_cluster
 from autotune.estimate.costs import stage_costs
 from autotune.estimate.estimator import estimate
 from autotune.estimate.profiles import Profile, load_profile, save_profile
+from benchmarks.stats import spearman
 from trial_runners.launch import run_job, summarize
 from trial_runners.profile import run_profile
 
@@ -242,23 +243,8 @@ def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> 
         f"predicted fastest: {fastest_pred.label()} (measured {fastest_pred.measured * 1e3:.1f} ms); same: "
         f"{'yes (target met)' if same else 'NO (target not met)'}"
     )
-    print(f"rank correlation (Spearman) of predicted and measured: {_spearman(rows):.3f}")
-
-
-def _spearman(rows: list[Row]) -> float:
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        for rank, i in enumerate(order):
-            out[i] = float(rank)
-        return out
-
-    a = ranks([r.predicted for r in rows])
-    b = ranks([r.measured for r in rows])
-    n = len(rows)
-    if n < 2:
-        return 1.0
-    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
+    rho = spearman([r.predicted for r in rows], [r.measured for r in rows])
+    print(f"rank correlation (Spearman) of predicted and measured: {rho:.3f}")
 
 
 def parse_args(argv: list[str] | None = None) -> Setup:

@@ -58,6 +58,7 @@ from autotune.estimate.clusters import load_cluster
 from autotune.tuner.campaign import MAX_IDLE_PROPOSALS, Campaign, Limits, describe
 from autotune.tuner.run import Prepared, cpu_profile, prepare
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of, screen
+from benchmarks.stats import spearman
 from storage import Store
 
 TARGET = 25.0  # percent of the space's valid configurations (median real trials to the best)
@@ -361,21 +362,6 @@ def _pct(x: float, of: int) -> str:
     return "-" if math.isinf(x) else f"{100.0 * x / of:.0f}%"
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        for rank, i in enumerate(order):
-            out[i] = float(rank)
-        return out
-
-    n = len(a)
-    if n < 2:
-        return 1.0
-    ra, rb = ranks(a), ranks(b)
-    return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
-
-
 def report_world(world: World, setup: Setup) -> None:
     space, obj = world.prepared.space, world.objective
     best, near = world.best(), world.near(setup.tolerance)
@@ -398,7 +384,7 @@ def report_world(world: World, setup: Setup) -> None:
         )
     ok = [r for r in world.rows if r.value(obj) is not None]
     if len(ok) > 1:
-        rho = _spearman(
+        rho = spearman(
             [objective_of(r.candidate.predicted, obj) or 0.0 for r in ok], [r.value(obj) or 0.0 for r in ok]
         )
         print(f"rank correlation (Spearman) of predicted and measured {obj}, {len(ok)} ok: {rho:.3f}")

@@ -389,25 +389,38 @@ def run_profile(
                 f"gloo p2p: latency {comm_figures['p2p_latency'] * 1e6:.1f} us, "
                 f"bandwidth {comm_figures['p2p_bandwidth'] / 1e9:.2f} GB/s"
             )
-    profile = {
+    profile = _document(spec, dev, comm=comm_figures, entries=entries, optimizer=optimizer)
+    parse_profile(profile)  # the dict is exactly what load_profile accepts
+    return profile
+
+
+def _document(
+    spec: ModelSpec,
+    dev: torch.device,
+    *,
+    comm: dict[str, float] | None,
+    entries: list[dict[str, Any]],
+    optimizer: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The profile file's JSON object (see `autotune.estimate.profiles`)."""
+    cuda = dev.type == "cuda"
+    return {
         "format": FORMAT,
         "version": VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": {
-            "type": device,
-            "name": torch.cuda.get_device_name(dev) if device == "cuda" else cpu_name(),
-            "count": torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1),
+            "type": dev.type,
+            "name": torch.cuda.get_device_name(dev) if cuda else cpu_name(),
+            "count": torch.cuda.device_count() if cuda else (os.cpu_count() or 1),
         },
         "dtype": "float32",
         "torch": torch.__version__,
         "model": spec.to_dict(),
         "tp": 1,
-        "comm": comm_figures,
+        "comm": comm,
         "entries": entries,
         "optimizer": optimizer,
     }
-    parse_profile(profile)  # the dict is exactly what load_profile accepts
-    return profile
 
 
 # -- gloo point-to-point ----------------------------------------------------------------------------
