@@ -2,15 +2,17 @@
 
 A `ClusterSpec` is `nodes` x `devices_per_node` identical devices; devices in one node talk over
 an NVLink-class link (`intra_*`), devices in different nodes over an InfiniBand-class link
-(`inter_*`). Bandwidths are bytes/s per direction per device; latencies seconds per message.
+(`inter_*`). Bandwidths are bytes/s per direction per device; latencies seconds per message;
+`post_overhead` the seconds a rank's thread spends posting one point-to-point send or receive
+(optional, default 0: GPU presets leave it out; cpu-local measures it).
 
 Presets:
 - `a100-80g-8xN`, `h100-80g-8xN` for N = 1..16 nodes of 8 GPUs (`a100-80g-8x8` is 64 GPUs),
   from the device table `search_spaces/clusters/devices.yaml` (datasheet figures, cited there);
 - `cpu-local`: this machine, one "device" per CPU core, its RAM as device memory, fp32; the
   link figures come from a profile's measured gloo figures when given
-  (`load_cluster("cpu-local", comm={"p2p_bandwidth": ..., "p2p_latency": ...})`), else the
-  documented defaults `CPU_DEFAULT_P2P_BANDWIDTH` / `CPU_DEFAULT_P2P_LATENCY`.
+  (`load_cluster("cpu-local", comm={"p2p_bandwidth": ..., "p2p_latency": ..., "p2p_post": ...})`),
+  else the documented defaults `CPU_DEFAULT_P2P_BANDWIDTH` / `_LATENCY` / `_POST`.
 
 A YAML file gives the same fields (`load_cluster("my.yaml")`); `device` may name a row of the
 device table (`a100-80g`), whose figures then fill the keys the file leaves out.
@@ -41,6 +43,8 @@ CPU_LOCAL = "cpu-local"
 # between two processes on one machine moves a few GB/s at ~tens of microseconds per message.
 CPU_DEFAULT_P2P_BANDWIDTH = 2.0e9  # bytes/s
 CPU_DEFAULT_P2P_LATENCY = 50e-6  # s
+CPU_DEFAULT_P2P_POST = 50e-6  # s of the posting thread per isend / irecv call
+COMM_FIGURES = ("p2p_bandwidth", "p2p_latency", "p2p_post")
 CPU_DEFAULT_MEMORY_BANDWIDTH = 20e9  # bytes/s, a nominal DRAM figure per socket
 CPU_FALLBACK_MEMORY = 16 * 2**30  # used only where the OS does not report its RAM
 
@@ -57,8 +61,9 @@ _FIELDS = (
     "inter_bandwidth",
     "inter_latency",
     "dtype",
+    "post_overhead",
 )
-_DEVICE_KEYS = tuple(f for f in _FIELDS if f not in ("name", "nodes", "devices_per_node", "dtype"))
+_OPTIONAL = ("peak_flops", "dtype", "post_overhead")
 _PRESET = re.compile(r"^(?P<device>[a-z0-9-]+)-(?P<per>\d+)x(?P<nodes>\d+)$")
 
 
@@ -83,6 +88,7 @@ class ClusterSpec:
     inter_bandwidth: float
     inter_latency: float
     dtype: str = "bf16"
+    post_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -97,7 +103,7 @@ class ClusterSpec:
             _check_number("peak_flops", self.peak_flops, positive=True)
         for key in ("hbm_bandwidth", "intra_bandwidth", "inter_bandwidth"):
             _check_number(key, getattr(self, key), positive=True)
-        for key in ("intra_latency", "inter_latency"):
+        for key in ("intra_latency", "inter_latency", "post_overhead"):
             _check_number(key, getattr(self, key), positive=False)
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -184,7 +190,7 @@ def _from_fields(data: dict[str, Any], where: str) -> ClusterSpec:
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise ConfigError(unknown[0], f"unknown key in {where}; allowed: {', '.join(_FIELDS)}")
-    missing = [k for k in _FIELDS if k not in data and k not in ("peak_flops", "dtype")]
+    missing = [k for k in _FIELDS if k not in data and k not in _OPTIONAL]
     if missing:
         raise ConfigError(missing[0], f"missing from {where}")
     values = dict(data)
@@ -199,6 +205,7 @@ def _from_fields(data: dict[str, Any], where: str) -> ClusterSpec:
         values["peak_flops"] = _number("peak_flops", values["peak_flops"])
     values.setdefault("peak_flops", None)
     values.setdefault("dtype", "bf16")
+    values["post_overhead"] = _number("post_overhead", values.get("post_overhead", 0.0))
     values["name"] = str(values["name"])
     values["device"] = str(values["device"])
     return ClusterSpec(**values)
@@ -224,27 +231,29 @@ def _physical_memory() -> int:
 
 
 def _comm_figures(comm: Any) -> dict[str, Any]:
-    """A mapping, or an object with `p2p_bandwidth` / `p2p_latency` attributes (a profile's comm)."""
+    """A mapping, or an object with `COMM_FIGURES` attributes (a profile's comm)."""
     if comm is None:
         return {}
     if isinstance(comm, dict):
         return dict(comm)
-    return {k: getattr(comm, k) for k in ("p2p_bandwidth", "p2p_latency") if hasattr(comm, k)}
+    return {k: getattr(comm, k) for k in COMM_FIGURES if getattr(comm, k, None) is not None}
 
 
 def cpu_local(comm: Any = None) -> ClusterSpec:
     """This machine: one device per CPU core, its RAM, fp32; links from `comm` or the defaults.
 
-    `comm`: {"p2p_bandwidth": bytes/s, "p2p_latency": s}, or an object with those attributes.
+    `comm`: {"p2p_bandwidth": bytes/s, "p2p_latency": s, "p2p_post": s} (any may be left out),
+    or an object with those attributes.
     """
     comm = _comm_figures(comm)
-    unknown = sorted(set(comm) - {"p2p_bandwidth", "p2p_latency"})
+    unknown = sorted(set(comm) - set(COMM_FIGURES))
     if unknown:
         raise ConfigError(
-            "--profile", f"unknown comm figure {unknown[0]!r}; expected p2p_bandwidth, p2p_latency"
+            "--profile", f"unknown comm figure {unknown[0]!r}; expected {', '.join(COMM_FIGURES)}"
         )
     bandwidth = _number("p2p_bandwidth", comm.get("p2p_bandwidth", CPU_DEFAULT_P2P_BANDWIDTH))
     latency = _number("p2p_latency", comm.get("p2p_latency", CPU_DEFAULT_P2P_LATENCY))
+    post = _number("p2p_post", comm.get("p2p_post", CPU_DEFAULT_P2P_POST))
     return ClusterSpec(
         name=CPU_LOCAL,
         nodes=1,
@@ -258,14 +267,15 @@ def cpu_local(comm: Any = None) -> ClusterSpec:
         inter_bandwidth=bandwidth,
         inter_latency=latency,
         dtype="fp32",
+        post_overhead=post,
     )
 
 
 def load_cluster(name_or_path: str, *, comm: Any = None) -> ClusterSpec:
     """A cluster from a preset name or a YAML file.
 
-    `comm` (a profile's measured `p2p_bandwidth` bytes/s and `p2p_latency` s) sets cpu-local's
-    links; the GPU presets and YAML files carry their own link figures and ignore it.
+    `comm` (a profile's measured `p2p_bandwidth` bytes/s, `p2p_latency` s and `p2p_post` s)
+    sets cpu-local's links; the GPU presets and YAML files carry their own link figures and ignore it.
     """
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():

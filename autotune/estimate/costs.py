@@ -341,6 +341,7 @@ def stage_costs(
       group's link);
     - send_act: one activation (b*s*h elements) to the next stage over their link;
     - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
+    - post: the cluster's `post_overhead`, the thread time of each send or receive posted;
     - tail: the data-parallel all-reduce of the stage's fp32 gradients plus the optimizer step;
     - act_bytes: saved bytes of one micro-batch; static_bytes: parameters x bytes_per_param.
     """
@@ -386,6 +387,7 @@ def stage_costs(
                 act_bytes=act,
                 static_bytes=params * bytes_per_param(cluster),
                 tail=tail,
+                post=cluster.post_overhead,
             )
         )
     return out

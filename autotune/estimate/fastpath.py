@@ -285,6 +285,7 @@ def _replay(
     bwd: np.ndarray,
     send: np.ndarray,
     evict: np.ndarray,
+    post: np.ndarray,
     stage: np.ndarray,
     kind: np.ndarray,
     slot: np.ndarray,
@@ -328,6 +329,7 @@ def _replay(
             if k == BWD:
                 clock[s] = now + bwd[c, s]
                 continue
+            now += post[c, s]  # the post call; the transfer is posted when it returns
             clock[s] = now
             t = slot[i]
             if not posted[t]:
@@ -371,21 +373,23 @@ class StageArrays:
     send_act: np.ndarray
     evict: np.ndarray
     tail: np.ndarray
+    post: np.ndarray | None = None  # None: posting costs nothing
 
     @classmethod
     def from_costs(cls, rows: list[list[StageCosts]]) -> StageArrays:
         def grab(field: str) -> np.ndarray:
             return np.array([[getattr(c, field) for c in row] for row in rows], dtype=float)
 
-        return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), grab("tail"))
+        return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), grab("tail"), grab("post"))
 
 
 def finish_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> np.ndarray:
     """(N, p): when each stage of each configuration is done with compute and transfers."""
     c = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
+    post = np.zeros_like(arrays.fwd) if arrays.post is None else arrays.post
     durations = [
         np.ascontiguousarray(a, dtype=np.float64)
-        for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict)
+        for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, post)
     ]
     return _kernel(  # type: ignore[no-any-return]
         *durations, c.stage, c.kind, c.slot, c.wait_ptr, c.wait_slots, c.src, c.dst, c.link,

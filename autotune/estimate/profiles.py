@@ -9,13 +9,18 @@ A profile file is one JSON object (written with `json`, never pickle):
  "dtype": "float32", "torch": "2.5.1",
  "model": ModelSpec.to_dict(),                      # the model it was measured on
  "tp": 1,
- "comm": {"p2p_bandwidth": bytes/s, "p2p_latency": s} | null,   # gloo between 2 local processes
+ "comm": {"p2p_bandwidth": bytes/s, "p2p_latency": s,            # gloo between 2 local processes
+          "p2p_post": s} | null,                                 # p2p_post optional
  "entries": [{"part": "layer" | "embed" | "head", "micro_batch_size": b,
               "flash_attention": bool, "recompute": "none" | "selective" | "full",
               "threads": n, "fwd_s": median s, "bwd_s": median s,
               "activation_bytes": exact saved bytes of one micro-batch}, ...],
  "optimizer": [{"threads": n, "fixed_s": s, "per_param_s": s}, ...]}   # optional
 ```
+
+"comm": `p2p_latency` is the one-way time of an activation-sized message to a waiting rank
+while the sender computes (a pipeline handoff), `p2p_post` the sender's or receiver's thread time
+in one `isend` / `irecv` call; files without `p2p_post` are read too (cpu-local's default).
 
 "optimizer" is the AdamW step as `fixed_s + per_param_s x parameters`, fitted to steps over one
 and over four layers' parameters; files without it are read too (the cost model then uses its
@@ -106,10 +111,12 @@ class OptimizerEntry:
 
 @dataclass(frozen=True)
 class CommProfile:
-    """Point-to-point transfer between two local processes: time = bytes / bandwidth + latency."""
+    """Point-to-point transfer between two local processes: time = bytes / bandwidth + latency,
+    and `p2p_post` of the posting thread per send or receive (None: not measured)."""
 
     p2p_bandwidth: float  # bytes/s
     p2p_latency: float  # s
+    p2p_post: float | None = None  # s
 
     def transfer_s(self, nbytes: int) -> float:
         return self.p2p_latency + nbytes / self.p2p_bandwidth
@@ -220,7 +227,11 @@ class Profile:
             "tp": self.tp,
             "comm": None
             if self.comm is None
-            else {"p2p_bandwidth": self.comm.p2p_bandwidth, "p2p_latency": self.comm.p2p_latency},
+            else {
+                "p2p_bandwidth": self.comm.p2p_bandwidth,
+                "p2p_latency": self.comm.p2p_latency,
+                **({} if self.comm.p2p_post is None else {"p2p_post": self.comm.p2p_post}),
+            },
             "entries": [e.to_dict() for e in self.entries],
             **({"optimizer": [e.to_dict() for e in self.optimizer]} if self.optimizer else {}),
         }
@@ -358,7 +369,11 @@ def parse_profile(data: Any) -> Profile:
         lat = float(_get(raw_comm, "p2p_latency", (int, float), "profile comm"))
         _positive(bw, "p2p_bandwidth", "profile comm")
         _positive(lat, "p2p_latency", "profile comm", zero_ok=True)
-        comm = CommProfile(bw, lat)
+        post = None
+        if "p2p_post" in raw_comm:
+            post = float(_get(raw_comm, "p2p_post", (int, float), "profile comm"))
+            _positive(post, "p2p_post", "profile comm", zero_ok=True)
+        comm = CommProfile(bw, lat, post)
     raw_entries = _get(data, "entries", list, where)
     if not raw_entries:
         raise _bad("has no entries")

@@ -1,8 +1,9 @@
 """The simulator: replays the per-stage programs the executor runs, with durations.
 
 Each stage's compute is one sequential thread over its program. Sends and receives are posted
-where the program puts them and cost the thread nothing; a transfer starts when both ends are
-posted and its link is free (one transfer at a time per directed link), and takes its duration.
+where the program puts them, each taking the thread the stage's `post` time (the executor's
+`isend` / `irecv` call); a transfer starts when both ends are posted and its link is free (one
+transfer at a time per directed link), and takes its duration.
 The thread waits where the executor waits: a forward for its input, a backward for its output
 gradient and for a load, an eviction for its activation send, a return for its stash, and an
 allocating action (F, LD, ST) for the stage's outgoing evictions and returns. Memory follows
@@ -31,7 +32,8 @@ class StageCosts:
 
     `send_act` is the time to move one activation (or its gradient) between this stage and the
     next; `evict` the time to move one of this stage's micro-batches' saved activations over
-    the BPipe pair link (both directions). `tail` is work after the stage's last backward (the
+    the BPipe pair link (both directions). `post` is the stage's thread time to post one send
+    or receive (the call, not the transfer). `tail` is work after the stage's last backward (the
     data-parallel gradient all-reduce and the optimizer step).
     """
 
@@ -42,6 +44,7 @@ class StageCosts:
     act_bytes: int = 0
     static_bytes: int = 0
     tail: float = 0.0
+    post: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,9 @@ class _Replay:
             key = transfer_key(self.schedule, stage, action)
             if action.kind in (Kind.EVICT, Kind.RESTORE):
                 self.outgoing[stage].append(key)
-            self.post(key, now)
+            posted = now + self.costs[stage].post  # the transfer is posted when the call returns
+            self.clock[stage] = posted
+            self.post(key, posted)
         self.pc[stage] += 1
         if self.pc[stage] < len(program):
             heapq.heappush(self.heap, (self.clock[stage], stage))

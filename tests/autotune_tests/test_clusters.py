@@ -11,6 +11,7 @@ import pytest
 from autotune.errors import ConfigError
 from autotune.estimate.clusters import (
     CPU_DEFAULT_P2P_BANDWIDTH,
+    CPU_DEFAULT_P2P_POST,
     ClusterSpec,
     cluster_names,
     link_between,
@@ -46,14 +47,18 @@ def test_cpu_local_uses_measured_comm() -> None:
     assert default.devices_per_node == (os.cpu_count() or 1) and default.nodes == 1
     assert default.dtype == "fp32" and default.device_memory > 0
     assert default.intra_bandwidth == CPU_DEFAULT_P2P_BANDWIDTH
-    measured = load_cluster("cpu-local", comm={"p2p_bandwidth": 3.5e9, "p2p_latency": 2e-5})
+    assert default.post_overhead == CPU_DEFAULT_P2P_POST
+    measured = load_cluster("cpu-local", comm={"p2p_bandwidth": 3.5e9, "p2p_latency": 2e-5, "p2p_post": 7e-5})
     assert measured.intra_bandwidth == measured.inter_bandwidth == 3.5e9
-    assert measured.intra_latency == 2e-5
+    assert measured.intra_latency == 2e-5 and measured.post_overhead == 7e-5
 
-    class _Comm:  # a profile's comm object
-        p2p_bandwidth, p2p_latency = 1.5e9, 3e-5
+    class _Comm:  # a profile's comm object; p2p_post None: not measured (an older profile)
+        p2p_bandwidth, p2p_latency, p2p_post = 1.5e9, 3e-5, None
 
-    assert load_cluster("cpu-local", comm=_Comm()).inter_latency == 3e-5
+    from_object = load_cluster("cpu-local", comm=_Comm())
+    assert from_object.inter_latency == 3e-5 and from_object.post_overhead == CPU_DEFAULT_P2P_POST
+    with pytest.raises(ConfigError, match="p2p_post"):
+        load_cluster("cpu-local", comm={"p2p_post": -1.0})
     with pytest.raises(ConfigError, match="p2p_bandwith"):
         load_cluster("cpu-local", comm={"p2p_bandwith": 1.0})
 
@@ -99,7 +104,8 @@ def test_yaml_cluster(tmp_path: Path) -> None:
     c = load_cluster(_yaml(tmp_path, FULL))
     assert c.name == "mine" and c.world_size == 8 and c.device_memory == 64 * 2**30
     assert c.peak_flops == 312e12  # '312e12' is a YAML string; accepted as a number
-    assert c.dtype == "bf16"
+    assert c.dtype == "bf16" and c.post_overhead == 0.0  # optional
+    assert load_cluster(_yaml(tmp_path, FULL + "post_overhead: 2.0e-5\n")).post_overhead == 2e-5
 
 
 def test_yaml_cluster_from_the_device_table(tmp_path: Path) -> None:
@@ -118,6 +124,7 @@ def test_yaml_cluster_from_the_device_table(tmp_path: Path) -> None:
         ("intra_latency: fast\n", "intra_latency"),
         ("device_memory: lots\n", "device_memory"),
         ("dtype: int4\n", "dtype"),
+        ("post_overhead: -1e-6\n", "post_overhead"),
     ],
 )
 def test_yaml_errors_name_the_key(tmp_path: Path, edit: str, field: str) -> None:

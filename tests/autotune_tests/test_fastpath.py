@@ -21,8 +21,9 @@ def test_matches_the_simulator_on_random_costs(name: str, p: int) -> None:
         schedule = generate(name, p, m)
         rows = [
             [StageCosts(fwd=rng.uniform(0.5, 2), bwd=rng.uniform(1, 4), send_act=rng.uniform(0, 1),
-                        evict=rng.uniform(0, 4), tail=rng.uniform(0, 1)) for _ in range(p)]
-            for _ in range(8)
+                        evict=rng.uniform(0, 4), tail=rng.uniform(0, 1),
+                        post=rng.uniform(0, 0.3) if i % 2 else 0.0) for _ in range(p)]
+            for i in range(8)
         ]  # fmt: skip
         steps, bubbles = step_times(schedule, StageArrays.from_costs(rows))
         for row, step, bubble in zip(rows, steps, bubbles, strict=True):
@@ -58,14 +59,15 @@ def test_compiled_loop_equals_plain_python_and_long_schedules() -> None:
     schedule = generate("bpipe", 8, 96)
     rows = [
         [StageCosts(fwd=rng.uniform(0.5, 2), bwd=rng.uniform(1, 4), send_act=rng.uniform(0, 1),
-                    evict=rng.uniform(0, 6), tail=rng.uniform(0, 1)) for _ in range(8)]
+                    evict=rng.uniform(0, 6), tail=rng.uniform(0, 1), post=rng.uniform(0, 0.2))
+         for _ in range(8)]
         for _ in range(3)
     ]  # fmt: skip
     arrays = StageArrays.from_costs(rows)
     compiled = fastpath.compile_schedule(schedule)
     args = (
-        arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, compiled.stage, compiled.kind, compiled.slot,
-        compiled.wait_ptr, compiled.wait_slots, compiled.src, compiled.dst, compiled.link,
+        arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, arrays.post, compiled.stage, compiled.kind,
+        compiled.slot, compiled.wait_ptr, compiled.wait_slots, compiled.src, compiled.dst, compiled.link,
         compiled.duration_kind, compiled.duration_stage, compiled.num_links,
     )  # fmt: skip
     np.testing.assert_array_equal(fastpath._kernel(*args), fastpath._replay(*args))

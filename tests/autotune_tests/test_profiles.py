@@ -131,6 +131,10 @@ def test_round_trip(tmp_path) -> None:
     save_profile(loaded, tmp_path / "again.json")  # a Profile saves too
     assert load_profile(tmp_path / "again.json") == loaded
     assert sorted(os.listdir(tmp_path)) == ["again.json", "p.json"]
+    assert loaded.comm.p2p_post is None  # an older file without it
+    posted = make_profile(comm={"p2p_bandwidth": 2e9, "p2p_latency": 5e-5, "p2p_post": 8e-5})
+    again = parse_profile(posted)
+    assert again.comm is not None and again.comm.p2p_post == 8e-5 and again.to_dict() == posted
 
 
 def test_save_refuses_a_bad_profile_and_keeps_the_old_file(tmp_path) -> None:
@@ -190,6 +194,10 @@ def _model_changed(**changes: object) -> dict:
         (make_profile(tp=True), "field 'tp' must be int, got bool"),
         (make_profile(comm={"p2p_bandwidth": -1.0, "p2p_latency": 0.0}), "'p2p_bandwidth' must be positive"),
         (make_profile(comm={"p2p_latency": 0.0}), "profile comm lacks the field 'p2p_bandwidth'"),
+        (
+            make_profile(comm={"p2p_bandwidth": 1e9, "p2p_latency": 0.0, "p2p_post": -1e-6}),
+            "'p2p_post' must be non-negative",
+        ),
         (make_profile(entries=[]), "has no entries"),
         (make_profile(entries={}), "field 'entries' must be list"),
         (make_profile(entries=[7]), "entry 0 must be a JSON object"),

@@ -54,6 +54,20 @@ def test_bpipe_hides_a_transfer_shorter_than_a_compute_action() -> None:
         assert simulate(generate("bpipe", p, m), [StageCosts(1.0, 2.0, evict=1.0)] * p).step_time == base
 
 
+@pytest.mark.parametrize("m", [2, 3, 4, 8, 16])
+def test_posting_a_send_or_receive_takes_the_posting_thread(m: int) -> None:
+    """Over 2 stages the last stage is 1F1B's critical one; it posts a receive and a send per
+    micro-batch (RF, SB), and every one of those posts but the first (RF0, made while it waits
+    for F0 anyway) delays it, as does stage 0's SF0 post before the first transfer: + 2 m c."""
+    base = simulate(generate("1f1b", 2, m), [StageCosts(1.0, 2.0)] * 2).step_time
+    for c in (0.01, 0.1, 0.25):
+        posted = simulate(generate("1f1b", 2, m), [StageCosts(1.0, 2.0, post=c)] * 2)
+        assert posted.step_time == pytest.approx(base + 2 * m * c, abs=1e-12)
+        assert posted.stage_busy == [m * 3.0] * 2  # posts are not compute
+    alone = simulate(generate("1f1b", 1, m), [StageCosts(1.0, 2.0, post=0.5)])
+    assert alone.step_time == m * 3.0  # one stage posts nothing
+
+
 def test_broken_program_is_a_deadlock_with_the_grid() -> None:
     """Stage 0 runs B1 before sending F1: B1 needs stage 1's gradient, which needs that F1."""
     schedule = generate("1f1b", 2, 2)
