@@ -8,8 +8,9 @@ profile taken once, minutes before the trials, would carry its spell into every 
 
 Each round's profile (`trial_runners.profile.run_profile`: the model's parts (layer, embed,
 head) at micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every
-thread count the launcher gives ranks here, the optimizer step, and gloo point-to-point latency
-and bandwidth) goes through `save_profile` / `load_profile` as a file would, and predicts each
+thread count t the launcher gives ranks here, in cores // t processes side by side as a trial's
+ranks run, the optimizer step, and gloo point-to-point bandwidth, handoff latency and post
+time) goes through `save_profile` / `load_profile` as a file would, and predicts each
 configuration (world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute
 none/full, one global batch for all, so their step times compare) with
 `estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)`. Then one
@@ -195,8 +196,9 @@ def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> 
     )
     if comm is not None:
         print(
-            f"profile: {len(profile.entries)} entries, threads {profile.thread_counts}; gloo p2p latency "
-            f"{comm.p2p_latency * 1e6:.1f} us, bandwidth {comm.p2p_bandwidth / 1e9:.2f} GB/s"
+            f"profile: {len(profile.entries)} entries, threads {profile.thread_counts}; gloo p2p handoff "
+            f"latency {comm.p2p_latency * 1e6:.1f} us, post {(comm.p2p_post or 0.0) * 1e6:.1f} us, "
+            f"bandwidth {comm.p2p_bandwidth / 1e9:.2f} GB/s (the latest round's)"
         )
     print(
         f"{setup.reps} rounds of (profile, then one run of every configuration, order alternating), "

@@ -18,6 +18,12 @@ Parameter gradients accumulate across repetitions, as across the micro-batches o
 forward runs under the executor's saved-tensor hooks (the exact activation count), as in a
 trial. On CUDA the device is synchronised around every timed region.
 
+On a CPU each thread count t is measured as a trial runs its ranks: in `cores // t` fresh
+processes started side by side with the launcher's environment (`worker_env`), each timing every
+measurement at t threads, so each is slowed by real twins exactly as a rank is by the other
+ranks of its trial; their samples are pooled. (Measured in the parent instead, a process that
+has run other work, the same parts timed up to ~15 % apart from a trial's ranks here.)
+
 The optimizer: AdamW steps over one and over four layers' parameters give the step's fixed and
 per-parameter time, at each thread count.
 
@@ -28,8 +34,9 @@ block's output (saved by the final norm) and the targets; the embeddings' is the
 indices. So one micro-batch on a stage saves exactly embed (first stage) + layers x layer +
 head (last stage) bytes; tests check this against real stages.
 
-Communication: gloo point-to-point between two local processes (ping-pong of a small and a
-large tensor), giving latency and bandwidth for `cpu-local`; skipped (null) on CUDA.
+Communication (`measure_p2p`): gloo point-to-point between two local processes, giving
+`cpu-local` its bandwidth (a large-message ping-pong), handoff latency and post time (a
+pipeline's handoffs between a computing and a waiting rank); skipped (null) on CUDA.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from trial_runners.memory import ActivationTracker
 from trial_runners.models import StageModule, build_stage
 
 _ROOT = Path(__file__).resolve().parent.parent
-COMM_SIZES = {"small": 8, "medium": 4 * 2**20, "large": 32 * 2**20}  # bytes per ping-pong message
+COMM_SIZES = {"medium": 4 * 2**20, "large": 32 * 2**20}  # bytes per ping-pong message
 
 
 def default_threads() -> list[int]:
@@ -210,33 +217,6 @@ def _describe(e: dict[str, Any]) -> str:
     )
 
 
-_BUSY = (
-    "import sys, torch\n"
-    "torch.set_num_threads(int(sys.argv[1]))\n"
-    "a = torch.randn(192, 192)\n"
-    "while True:\n"
-    "    a = torch.tanh(a @ a.T * 0.01)\n"
-)
-
-
-@contextlib.contextmanager
-def _companions(count: int, threads: int) -> Iterator[None]:
-    """`count` processes computing at `threads` threads each while the block runs."""
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _BUSY, str(threads)], preexec_fn=_die_with_parent,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(max(0, count))
-    ]  # fmt: skip
-    try:
-        if procs:
-            time.sleep(1.0)  # let them start computing
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-
-
 @contextlib.contextmanager
 def _num_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -302,6 +282,24 @@ class _Samples:
         for n, ts in steps.items():
             self.optimizer_times.setdefault(threads, {}).setdefault(n, []).extend(ts)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "times": [[list(k), fwd, bwd] for k, (fwd, bwd) in self.times.items()],
+            "nbytes": [[list(k), n] for k, n in self.nbytes.items()],
+            "optimizer": [[t, n, ts] for t, by_n in self.optimizer_times.items() for n, ts in by_n.items()],
+        }
+
+    def add(self, data: dict[str, Any]) -> None:
+        """Pool another process's samples (`to_json`) into these."""
+        for key, fwd, bwd in data["times"]:
+            got = self.times.setdefault(tuple(key), ([], []))
+            got[0].extend(fwd)
+            got[1].extend(bwd)
+        for key, n in data["nbytes"]:
+            self.nbytes.setdefault(tuple(key), n)
+        for t, n, ts in data["optimizer"]:
+            self.optimizer_times.setdefault(t, {}).setdefault(n, []).extend(ts)
+
     def entries(self) -> list[dict[str, Any]]:
         return [
             {
@@ -319,6 +317,78 @@ class _Samples:
 
     def optimizer(self) -> list[dict[str, Any]]:
         return [_optimizer_fit(t, times) for t, times in self.optimizer_times.items()]
+
+
+def _measure_all(
+    spec: ModelSpec,
+    dev: torch.device,
+    sync: Callable[[], None],
+    *,
+    threads: int,
+    sizes: list[int],
+    flash: list[bool],
+    recompute: list[str],
+    warmup: int,
+    repeats: int,
+    rounds: int,
+) -> _Samples:
+    """Every measurement at `threads`, its `repeats` timed runs spread over `rounds` passes
+    through all of them, so a slow spell of a shared machine touches every entry alike."""
+    collected = _Samples(spec, dev, sync, warmup=warmup)
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        with _num_threads(threads):
+            for r in range(rounds):
+                per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
+                collected.one_pass(threads, sizes, flash, recompute, repeats=per_round)
+    finally:
+        torch.random.set_rng_state(rng)
+    return collected
+
+
+def _in_processes(spec: ModelSpec, task: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """`_measure_all(**task)` in `count` fresh processes at once (the launcher's environment for
+    `count` ranks); each one's samples (`_Samples.to_json`)."""
+    with tempfile.TemporaryDirectory(prefix="autotune-profile-") as tmp:
+        folder = Path(tmp)
+        (folder / "task.json").write_text(json.dumps({"model": spec.to_dict(), **task}))
+        env = worker_env(count, "cpu")
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for i in range(count):
+                log = open(folder / f"twin{i}.log", "wb")  # noqa: SIM115 - closed with the process
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "trial_runners.profile", "measure", tmp, str(i)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=str(_ROOT),
+                        preexec_fn=_die_with_parent,
+                    )
+                )
+                log.close()
+            for i, proc in enumerate(procs):
+                if proc.wait() != 0:
+                    tail = (folder / f"twin{i}.log").read_text(errors="replace").strip().splitlines()
+                    raise RuntimeError(
+                        f"profile process {i} failed (exit {proc.returncode}): {tail[-1] if tail else ''}"
+                    )
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        return [json.loads((folder / f"samples{i}.json").read_text()) for i in range(count)]
+
+
+def _measure_worker(folder: str, index: int) -> None:
+    task = json.loads((Path(folder) / "task.json").read_text())
+    spec = ModelSpec(**task.pop("model"))
+    dev = torch.device("cpu")
+    samples = _measure_all(spec, dev, lambda: None, **task)
+    (Path(folder) / f"samples{index}.json").write_text(json.dumps(samples.to_json()))
 
 
 def run_profile(
@@ -352,25 +422,27 @@ def run_profile(
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if device == "cuda" else (lambda: None)
-    # Samples of every measurement, gathered over `rounds` passes through all of them, so that a
-    # slow or fast spell of a shared machine touches every entry alike instead of a few.
-    collected = _Samples(spec, dev, sync, warmup=warmup)
     rounds = max(1, min(rounds, repeats))
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        for r in range(rounds):
-            per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
-            for t in thread_counts:
-                # A trial runs cores // t ranks of t threads side by side; so does the profile,
-                # with companions keeping the other cores as busy as those ranks would.
-                companions = (os.cpu_count() or 1) // t - 1 if device == "cpu" else 0
-                with _companions(companions, t), _num_threads(t):
-                    collected.one_pass(t, sizes, flash, recompute, repeats=per_round)
-                if progress is not None:
-                    progress(f"round {r + 1} of {rounds}, threads {t}: {per_round} timed runs of each part")
-    finally:
-        torch.random.set_rng_state(rng)
+    collected = _Samples(spec, dev, sync, warmup=warmup)
+    for t in thread_counts:
+        task: dict[str, Any] = {
+            "threads": t, "sizes": sizes, "flash": list(flash), "recompute": list(recompute),
+            "warmup": warmup, "repeats": repeats, "rounds": rounds,
+        }  # fmt: skip
+        if device == "cpu":
+            twins = max(1, (os.cpu_count() or 1) // t)
+            for samples in _in_processes(spec, task, twins):
+                collected.add(samples)
+        else:
+            collected.add(_measure_all(spec, dev, sync, **task).to_json())
+            twins = 1
+        if progress is not None:
+            for r in range(rounds):
+                per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
+                progress(
+                    f"round {r + 1} of {rounds}, threads {t}: {per_round} timed runs of each part "
+                    f"in each of {twins} process{'es' if twins > 1 else ''}"
+                )
     entries = collected.entries()
     optimizer = collected.optimizer()
     if progress is not None:
@@ -386,7 +458,8 @@ def run_profile(
         comm_figures = measure_p2p()
         if progress is not None:
             progress(
-                f"gloo p2p: latency {comm_figures['p2p_latency'] * 1e6:.1f} us, "
+                f"gloo p2p: handoff latency {comm_figures['p2p_latency'] * 1e6:.1f} us, post "
+                f"{comm_figures['p2p_post'] * 1e6:.1f} us, "
                 f"bandwidth {comm_figures['p2p_bandwidth'] / 1e9:.2f} GB/s"
             )
     profile = _document(spec, dev, comm=comm_figures, entries=entries, optimizer=optimizer)
@@ -427,13 +500,25 @@ def _document(
 
 
 def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -> dict[str, float]:
-    """Gloo send/recv between two local processes: {"p2p_bandwidth": B/s, "p2p_latency": s}.
+    """Gloo send/recv between two local processes:
+    {"p2p_bandwidth": B/s, "p2p_latency": s, "p2p_post": s}.
 
-    Ping-pong (rank 0 sends, rank 1 sends it back) of an 8-byte tensor (4 x `repeats` times: it
-    is cheap and the noisiest), a 4 MiB and a 32 MiB one (`repeats` times), after `warmup` round
-    trips each; half the median round trip is the one-way time. latency = the 8-byte one-way
-    time; bandwidth = the slope between the two large sizes, (32 MiB - 4 MiB) / (t32 - t4), so
-    latency noise (on a busy machine, scheduler wake-ups of a few ms) cancels out.
+    Bandwidth: ping-pong (rank 0 sends, rank 1 sends it back) of a 4 MiB and a 32 MiB tensor
+    (`repeats` times each after `warmup` round trips); half the median round trip is the one-way
+    time, and bandwidth is the slope between the two, (32 MiB - 4 MiB) / (t32 - t4), so latency
+    noise (on a busy machine, scheduler wake-ups of a few ms) cancels out.
+
+    Latency and post: a pipeline's handoffs, as two pipeline stages make them (`_handoffs`):
+    rank 0 computes, sends an activation-sized (`HANDOFF_BYTES`) message and computes again
+    before it waits for the reply; rank 1 waits for it, computes, and replies. Both compute at
+    the thread count a trial gives each of two ranks, so a message is sent by a busy rank to a
+    waiting one, as in a pipeline, and the gloo threads compete with compute for the cores.
+    `p2p_latency` is the median time from a send's post returning to the waiting receiver
+    resuming, less the message's bytes over the bandwidth (`transfer_s` adds them back);
+    `p2p_post` is the mean time of an `isend` or `irecv` call over `4 x repeats` handoffs each
+    way (the mean: a step pays every call, the slow ones too). Here (2 cores) a post takes
+    40-90 us, paid twice per micro-batch on a pipeline's critical stage; a handoff's latency
+    0-50 us.
     """
     with tempfile.TemporaryDirectory(prefix="autotune-profile-comm-") as tmp:
         folder = Path(tmp)
@@ -471,25 +556,84 @@ def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
-        one_way = json.loads((folder / "p2p.json").read_text())
-    latency = max(one_way["small"], 1e-9)
+        measured = json.loads((folder / "p2p.json").read_text())
     extra = COMM_SIZES["large"] - COMM_SIZES["medium"]
-    slope = one_way["large"] - one_way["medium"]
+    slope = measured["large"] - measured["medium"]
     # Where noise swamped the difference, the large message's average rate instead.
-    bandwidth = extra / slope if slope > 0 else COMM_SIZES["large"] / one_way["large"]
-    return {"p2p_bandwidth": bandwidth, "p2p_latency": latency}
+    bandwidth = extra / slope if slope > 0 else COMM_SIZES["large"] / measured["large"]
+    latency = max(0.0, measured["handoff"] - HANDOFF_BYTES / bandwidth)
+    return {"p2p_bandwidth": bandwidth, "p2p_latency": latency, "p2p_post": measured["post"]}
+
+
+HANDOFF_BYTES = 64 * 2**10  # an activation of a small model's micro-batch
+HANDOFF_COMPUTE_S = 0.002  # compute between handoffs, about a small layer's forward
+
+
+def _compute(a: torch.Tensor, seconds: float) -> torch.Tensor:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a.T * 0.01)
+    return a
+
+
+def _handoffs(rank: int, count: int, warmup: int) -> list[list[float]]:
+    """The pipeline pattern of `measure_p2p`, `count` handoffs each way after `warmup`: [this
+    rank's isend call durations, its irecv call durations, when each of its sends' posts
+    returned, when it began waiting for each receive, when that wait returned]. Times are
+    `time.monotonic()`, one clock for both processes."""
+    peer = 1 - rank
+    msg = torch.zeros(HANDOFF_BYTES // 4)
+    a = torch.randn(128, 128)
+    posts: dict[Any, list[float]] = {dist.isend: [], dist.irecv: []}
+    sent: list[float] = []
+    waited: list[float] = []
+    resumed: list[float] = []
+
+    def post(fn: Callable[..., Any], tag: int) -> Any:
+        t0 = time.monotonic()
+        work = fn(msg, peer, tag=tag)
+        t1 = time.monotonic()
+        posts[fn].append(t1 - t0)
+        return work, t1
+
+    def wait(work: Any) -> tuple[float, float]:
+        t0 = time.monotonic()
+        work.wait()
+        return t0, time.monotonic()
+
+    for i in range(warmup + count):
+        if rank == 0:  # forward, send the activation, the next compute, wait for the gradient
+            a = _compute(a, HANDOFF_COMPUTE_S)
+            send, t_sent = post(dist.isend, 2 * i)
+            recv, _ = post(dist.irecv, 2 * i + 1)
+            a = _compute(a, HANDOFF_COMPUTE_S)
+            t_wait = wait(recv)
+            send.wait()
+        else:  # wait for the activation, compute, send the gradient
+            recv, _ = post(dist.irecv, 2 * i)
+            t_wait = wait(recv)
+            a = _compute(a, HANDOFF_COMPUTE_S)
+            send, t_sent = post(dist.isend, 2 * i + 1)
+            send.wait()
+        if i < warmup:
+            for durations in posts.values():
+                durations.clear()
+            continue
+        sent.append(t_sent)
+        waited.append(t_wait[0])
+        resumed.append(t_wait[1])
+    return [posts[dist.isend], posts[dist.irecv], sent, waited, resumed]
 
 
 def _p2p_worker(folder: str, rank: int, warmup: int, repeats: int) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # a trial's ranks when two share the cores
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
     try:
         out: dict[str, float] = {}
-        for name, nbytes in COMM_SIZES.items():
-            reps = 4 * repeats if name == "small" else repeats
-            buf = torch.zeros(nbytes, dtype=torch.uint8)
+        for name in ("medium", "large"):
+            buf = torch.zeros(COMM_SIZES[name], dtype=torch.uint8)
             times = []
-            for i in range(warmup + reps):
+            for i in range(warmup + repeats):
                 t0 = time.perf_counter()
                 if rank == 0:
                     dist.send(buf, 1)
@@ -500,6 +644,23 @@ def _p2p_worker(folder: str, rank: int, warmup: int, repeats: int) -> None:
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
             out[name] = statistics.median(times) / 2
+        mine = torch.tensor(_handoffs(rank, 4 * repeats, warmup), dtype=torch.float64)
+        if rank == 1:
+            dist.send(mine, 0)
+        else:
+            theirs = torch.empty_like(mine)
+            dist.recv(theirs, 1)
+            isends, irecvs, sent, waited, resumed = mine.tolist()
+            their_isends, their_irecvs, their_sent, their_waited, their_resumed = theirs.tolist()
+            # Message i of rank 0 (sent at sent[i]) resumed rank 1 at their_resumed[i]; rank 1's
+            # reply resumed rank 0 at resumed[i]. Only where the receiver was already waiting.
+            pairs = [
+                *zip(sent, their_waited, their_resumed, strict=True),
+                *zip(their_sent, waited, resumed, strict=True),
+            ]
+            delays = [r - s for s, w, r in pairs if w <= s]
+            out["handoff"] = statistics.median(delays) if delays else 0.0
+            out["post"] = statistics.fmean(isends + irecvs + their_isends + their_irecvs)
         dist.barrier()
         if rank == 0:
             (Path(folder) / "p2p.json").write_text(json.dumps(out))
@@ -510,5 +671,9 @@ def _p2p_worker(folder: str, rank: int, warmup: int, repeats: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "p2p":
         _p2p_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "measure":
+        _measure_worker(sys.argv[2], int(sys.argv[3]))
     else:
-        sys.exit("usage: python -m trial_runners.profile p2p FOLDER RANK WARMUP REPEATS")
+        sys.exit(
+            "usage: python -m trial_runners.profile p2p FOLDER RANK WARMUP REPEATS | measure FOLDER INDEX"
+        )

@@ -179,8 +179,32 @@ def test_default_threads_and_comm_in_a_small_profile() -> None:
     assert sorted({e["threads"] for e in data["entries"]}) == default_threads()
     comm = data["comm"]
     assert comm["p2p_bandwidth"] > 1e6  # loopback moves far more than 1 MB/s
-    assert 0 < comm["p2p_latency"] < 1.0
+    assert 0 <= comm["p2p_latency"] < 1.0 and 0 < comm["p2p_post"] < 1.0
+    assert parse_profile(data).comm.p2p_post == comm["p2p_post"]
     assert parse_profile(data).comm is not None
+
+
+def test_a_thread_count_is_measured_in_as_many_processes_as_a_trial_has_ranks() -> None:
+    """threads t: cores // t fresh processes measure side by side (twins loading the other cores
+    as a trial's other ranks do); each returns every measurement's samples, pooled by `add`."""
+    import torch
+
+    from trial_runners.profile import _in_processes, _Samples
+
+    spec = load_model("tiny-gpt")
+    task = {"threads": 1, "sizes": [1], "flash": [True], "recompute": ["none"], "warmup": 0,
+            "repeats": 2, "rounds": 1}  # fmt: skip
+    twins = _in_processes(spec, task, 2)
+    assert len(twins) == 2
+    for samples in twins:
+        assert sorted(tuple(k)[0] for k, _, _ in samples["times"]) == ["embed", "head", "layer"]
+        assert all(len(fwd) == len(bwd) == 2 for _, fwd, bwd in samples["times"])
+        assert {t for t, _, _ in samples["optimizer"]} == {1}
+    pooled = _Samples(spec, torch.device("cpu"), lambda: None, warmup=0)
+    for samples in twins:
+        pooled.add(samples)
+    assert all(len(fwd) == 4 for fwd, _ in pooled.times.values())
+    assert {e["part"] for e in pooled.entries()} == {"embed", "head", "layer"}
 
 
 @pytest.mark.parametrize(
