@@ -319,6 +319,43 @@ class _Samples:
         return [_optimizer_fit(t, times) for t, times in self.optimizer_times.items()]
 
 
+def _run_side_by_side(
+    folder: Path, argv: list[list[str]], env: dict[str, str], what: str, *, timeout: float | None = None
+) -> None:
+    """`python -m trial_runners.profile ARGS` for each ARGS in `argv`, all at once (their logs in
+    `folder`); RuntimeError naming `what` and the failing process's last log line, or the
+    timeout. The processes die with this one and are killed on the way out."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, args in enumerate(argv):
+            log = open(folder / f"process{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "trial_runners.profile", *args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=str(_ROOT),
+                    preexec_fn=_die_with_parent,
+                )
+            )
+            log.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
+            if code != 0:
+                tail = (folder / f"process{i}.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(f"{what} process {i} failed (exit {code}): {tail[-1] if tail else ''}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def _measure_all(
     spec: ModelSpec,
     dev: torch.device,
@@ -353,33 +390,9 @@ def _in_processes(spec: ModelSpec, task: dict[str, Any], count: int) -> list[dic
     with tempfile.TemporaryDirectory(prefix="autotune-profile-") as tmp:
         folder = Path(tmp)
         (folder / "task.json").write_text(json.dumps({"model": spec.to_dict(), **task}))
-        env = worker_env(count, "cpu")
-        procs: list[subprocess.Popen[bytes]] = []
-        try:
-            for i in range(count):
-                log = open(folder / f"twin{i}.log", "wb")  # noqa: SIM115 - closed with the process
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "trial_runners.profile", "measure", tmp, str(i)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=str(_ROOT),
-                        preexec_fn=_die_with_parent,
-                    )
-                )
-                log.close()
-            for i, proc in enumerate(procs):
-                if proc.wait() != 0:
-                    tail = (folder / f"twin{i}.log").read_text(errors="replace").strip().splitlines()
-                    raise RuntimeError(
-                        f"profile process {i} failed (exit {proc.returncode}): {tail[-1] if tail else ''}"
-                    )
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+        _run_side_by_side(
+            folder, [["measure", tmp, str(i)] for i in range(count)], worker_env(count, "cpu"), "profile"
+        )
         return [json.loads((folder / f"samples{i}.json").read_text()) for i in range(count)]
 
 
@@ -524,38 +537,8 @@ def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -
         folder = Path(tmp)
         env = worker_env(2, "cpu")
         env["GLOO_SOCKET_IFNAME"] = "lo"
-        procs: list[subprocess.Popen[bytes]] = []
-        try:
-            for rank in range(2):
-                log = open(folder / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "trial_runners.profile", "p2p", tmp, str(rank)]
-                        + [str(warmup), str(repeats)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=str(_ROOT),
-                        preexec_fn=_die_with_parent,
-                    )
-                )
-                log.close()
-            deadline = time.monotonic() + timeout
-            for rank, proc in enumerate(procs):
-                try:
-                    code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise RuntimeError(f"gloo p2p measurement did not finish within {timeout:g} s") from None
-                if code != 0:
-                    tail = (folder / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
-                    raise RuntimeError(
-                        f"gloo p2p measurement rank {rank} failed (exit {code}): {tail[-1] if tail else ''}"
-                    )
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+        args = [["p2p", tmp, str(rank), str(warmup), str(repeats)] for rank in range(2)]
+        _run_side_by_side(folder, args, env, "gloo p2p measurement", timeout=timeout)
         measured = json.loads((folder / "p2p.json").read_text())
     extra = COMM_SIZES["large"] - COMM_SIZES["medium"]
     slope = measured["large"] - measured["medium"]
