@@ -56,6 +56,50 @@ def worker_env(world_size: int, device: str, *, local: bool = True) -> dict[str,
     return env
 
 
+def run_side_by_side(
+    module: str,
+    argv: list[list[str]],
+    folder: Path,
+    env: dict[str, str],
+    what: str,
+    *,
+    timeout: float | None = None,
+) -> None:
+    """`python -m MODULE ARGS` for each ARGS in `argv`, all at once (their logs in `folder`), for
+    measurements that run beside each other (unlike `run_job`, no ranks or result files);
+    RuntimeError naming `what` and the failing process's last log line, or the timeout. The
+    processes die with this one and are killed on the way out."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, args in enumerate(argv):
+            log = open(folder / f"process{i}.log", "wb")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", module, *args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=str(_ROOT),
+                    preexec_fn=_die_with_parent,
+                )
+            )
+            log.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
+            if code != 0:
+                tail = (folder / f"process{i}.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(f"{what} process {i} failed (exit {code}): {tail[-1] if tail else ''}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def run_job(
     runs: list[dict[str, Any]],
     *,

@@ -34,9 +34,9 @@ block's output (saved by the final norm) and the targets; the embeddings' is the
 indices. So one micro-batch on a stage saves exactly embed (first stage) + layers x layer +
 head (last stage) bytes; tests check this against real stages.
 
-Communication (`measure_p2p`): gloo point-to-point between two local processes, giving
-`cpu-local` its bandwidth (a large-message ping-pong), handoff latency and post time (a
-pipeline's handoffs between a computing and a waiting rank); skipped (null) on CUDA.
+Communication (`trial_runners.comm_profile.measure_p2p`): gloo point-to-point between two local
+processes, giving `cpu-local` its bandwidth (a large-message ping-pong), handoff latency and post
+time (a pipeline's handoffs between a computing and a waiting rank); skipped (null) on CUDA.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,18 +57,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from autotune.config import DEVICES, RECOMPUTE, ModelSpec
 from autotune.errors import ConfigError
 from autotune.estimate.profiles import FORMAT, PARTS, VERSION, parse_profile
-from trial_runners.launch import _die_with_parent, worker_env
+from trial_runners.comm_profile import measure_p2p
+from trial_runners.launch import run_side_by_side, worker_env
 from trial_runners.memory import ActivationTracker
 from trial_runners.models import StageModule, build_stage
-
-_ROOT = Path(__file__).resolve().parent.parent
-COMM_SIZES = {"medium": 4 * 2**20, "large": 32 * 2**20}  # bytes per ping-pong message
 
 
 def default_threads() -> list[int]:
@@ -319,41 +315,9 @@ class _Samples:
         return [_optimizer_fit(t, times) for t, times in self.optimizer_times.items()]
 
 
-def _run_side_by_side(
-    folder: Path, argv: list[list[str]], env: dict[str, str], what: str, *, timeout: float | None = None
-) -> None:
-    """`python -m trial_runners.profile ARGS` for each ARGS in `argv`, all at once (their logs in
-    `folder`); RuntimeError naming `what` and the failing process's last log line, or the
-    timeout. The processes die with this one and are killed on the way out."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for i, args in enumerate(argv):
-            log = open(folder / f"process{i}.log", "wb")  # noqa: SIM115 - closed with the process
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "trial_runners.profile", *args],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=str(_ROOT),
-                    preexec_fn=_die_with_parent,
-                )
-            )
-            log.close()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for i, proc in enumerate(procs):
-            try:
-                code = proc.wait(timeout=None if deadline is None else max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
-            if code != 0:
-                tail = (folder / f"process{i}.log").read_text(errors="replace").strip().splitlines()
-                raise RuntimeError(f"{what} process {i} failed (exit {code}): {tail[-1] if tail else ''}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+def _split(repeats: int, rounds: int) -> list[int]:
+    """The timed runs of each pass when `repeats` are spread over `rounds` passes."""
+    return [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
 
 
 def _measure_all(
@@ -376,8 +340,7 @@ def _measure_all(
     torch.manual_seed(0)
     try:
         with _num_threads(threads):
-            for r in range(rounds):
-                per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
+            for per_round in _split(repeats, rounds):
                 collected.one_pass(threads, sizes, flash, recompute, repeats=per_round)
     finally:
         torch.random.set_rng_state(rng)
@@ -390,9 +353,8 @@ def _in_processes(spec: ModelSpec, task: dict[str, Any], count: int) -> list[dic
     with tempfile.TemporaryDirectory(prefix="autotune-profile-") as tmp:
         folder = Path(tmp)
         (folder / "task.json").write_text(json.dumps({"model": spec.to_dict(), **task}))
-        _run_side_by_side(
-            folder, [["measure", tmp, str(i)] for i in range(count)], worker_env(count, "cpu"), "profile"
-        )
+        argv = [["measure", tmp, str(i)] for i in range(count)]
+        run_side_by_side("trial_runners.profile", argv, folder, worker_env(count, "cpu"), "profile")
         return [json.loads((folder / f"samples{i}.json").read_text()) for i in range(count)]
 
 
@@ -450,8 +412,7 @@ def run_profile(
             collected.add(_measure_all(spec, dev, sync, **task).to_json())
             twins = 1
         if progress is not None:
-            for r in range(rounds):
-                per_round = repeats // rounds + (1 if r < repeats % rounds else 0)
+            for r, per_round in enumerate(_split(repeats, rounds)):
                 progress(
                     f"round {r + 1} of {rounds}, threads {t}: {per_round} timed runs of each part "
                     f"in each of {twins} process{'es' if twins > 1 else ''}"
@@ -512,151 +473,8 @@ def _document(
 # -- gloo point-to-point ----------------------------------------------------------------------------
 
 
-def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -> dict[str, float]:
-    """Gloo send/recv between two local processes:
-    {"p2p_bandwidth": B/s, "p2p_latency": s, "p2p_post": s}.
-
-    Bandwidth: ping-pong (rank 0 sends, rank 1 sends it back) of a 4 MiB and a 32 MiB tensor
-    (`repeats` times each after `warmup` round trips); half the median round trip is the one-way
-    time, and bandwidth is the slope between the two, (32 MiB - 4 MiB) / (t32 - t4), so latency
-    noise (on a busy machine, scheduler wake-ups of a few ms) cancels out.
-
-    Latency and post: a pipeline's handoffs, as two pipeline stages make them (`_handoffs`):
-    rank 0 computes, sends an activation-sized (`HANDOFF_BYTES`) message and computes again
-    before it waits for the reply; rank 1 waits for it, computes, and replies. Both compute at
-    the thread count a trial gives each of two ranks, so a message is sent by a busy rank to a
-    waiting one, as in a pipeline, and the gloo threads compete with compute for the cores.
-    `p2p_latency` is the median time from a send's post returning to the waiting receiver
-    resuming, less the message's bytes over the bandwidth (`transfer_s` adds them back);
-    `p2p_post` is the mean time of an `isend` or `irecv` call over `4 x repeats` handoffs each
-    way (the mean: a step pays every call, the slow ones too). Here (2 cores) a post takes
-    40-90 us, paid twice per micro-batch on a pipeline's critical stage; a handoff's latency
-    0-50 us.
-    """
-    with tempfile.TemporaryDirectory(prefix="autotune-profile-comm-") as tmp:
-        folder = Path(tmp)
-        env = worker_env(2, "cpu")
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-        args = [["p2p", tmp, str(rank), str(warmup), str(repeats)] for rank in range(2)]
-        _run_side_by_side(folder, args, env, "gloo p2p measurement", timeout=timeout)
-        measured = json.loads((folder / "p2p.json").read_text())
-    extra = COMM_SIZES["large"] - COMM_SIZES["medium"]
-    slope = measured["large"] - measured["medium"]
-    # Where noise swamped the difference, the large message's average rate instead.
-    bandwidth = extra / slope if slope > 0 else COMM_SIZES["large"] / measured["large"]
-    latency = max(0.0, measured["handoff"] - HANDOFF_BYTES / bandwidth)
-    return {"p2p_bandwidth": bandwidth, "p2p_latency": latency, "p2p_post": measured["post"]}
-
-
-HANDOFF_BYTES = 64 * 2**10  # an activation of a small model's micro-batch
-HANDOFF_COMPUTE_S = 0.002  # compute between handoffs, about a small layer's forward
-
-
-def _compute(a: torch.Tensor, seconds: float) -> torch.Tensor:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        a = torch.tanh(a @ a.T * 0.01)
-    return a
-
-
-def _handoffs(rank: int, count: int, warmup: int) -> list[list[float]]:
-    """The pipeline pattern of `measure_p2p`, `count` handoffs each way after `warmup`: [this
-    rank's isend call durations, its irecv call durations, when each of its sends' posts
-    returned, when it began waiting for each receive, when that wait returned]. Times are
-    `time.monotonic()`, one clock for both processes."""
-    peer = 1 - rank
-    msg = torch.zeros(HANDOFF_BYTES // 4)
-    a = torch.randn(128, 128)
-    posts: dict[Any, list[float]] = {dist.isend: [], dist.irecv: []}
-    sent: list[float] = []
-    waited: list[float] = []
-    resumed: list[float] = []
-
-    def post(fn: Callable[..., Any], tag: int) -> Any:
-        t0 = time.monotonic()
-        work = fn(msg, peer, tag=tag)
-        t1 = time.monotonic()
-        posts[fn].append(t1 - t0)
-        return work, t1
-
-    def wait(work: Any) -> tuple[float, float]:
-        t0 = time.monotonic()
-        work.wait()
-        return t0, time.monotonic()
-
-    for i in range(warmup + count):
-        if rank == 0:  # forward, send the activation, the next compute, wait for the gradient
-            a = _compute(a, HANDOFF_COMPUTE_S)
-            send, t_sent = post(dist.isend, 2 * i)
-            recv, _ = post(dist.irecv, 2 * i + 1)
-            a = _compute(a, HANDOFF_COMPUTE_S)
-            t_wait = wait(recv)
-            send.wait()
-        else:  # wait for the activation, compute, send the gradient
-            recv, _ = post(dist.irecv, 2 * i)
-            t_wait = wait(recv)
-            a = _compute(a, HANDOFF_COMPUTE_S)
-            send, t_sent = post(dist.isend, 2 * i + 1)
-            send.wait()
-        if i < warmup:
-            for durations in posts.values():
-                durations.clear()
-            continue
-        sent.append(t_sent)
-        waited.append(t_wait[0])
-        resumed.append(t_wait[1])
-    return [posts[dist.isend], posts[dist.irecv], sent, waited, resumed]
-
-
-def _p2p_worker(folder: str, rank: int, warmup: int, repeats: int) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # a trial's ranks when two share the cores
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-    try:
-        out: dict[str, float] = {}
-        for name in ("medium", "large"):
-            buf = torch.zeros(COMM_SIZES[name], dtype=torch.uint8)
-            times = []
-            for i in range(warmup + repeats):
-                t0 = time.perf_counter()
-                if rank == 0:
-                    dist.send(buf, 1)
-                    dist.recv(buf, 1)
-                else:
-                    dist.recv(buf, 0)
-                    dist.send(buf, 0)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times) / 2
-        mine = torch.tensor(_handoffs(rank, 4 * repeats, warmup), dtype=torch.float64)
-        if rank == 1:
-            dist.send(mine, 0)
-        else:
-            theirs = torch.empty_like(mine)
-            dist.recv(theirs, 1)
-            isends, irecvs, sent, waited, resumed = mine.tolist()
-            their_isends, their_irecvs, their_sent, their_waited, their_resumed = theirs.tolist()
-            # Message i of rank 0 (sent at sent[i]) resumed rank 1 at their_resumed[i]; rank 1's
-            # reply resumed rank 0 at resumed[i]. Only where the receiver was already waiting.
-            pairs = [
-                *zip(sent, their_waited, their_resumed, strict=True),
-                *zip(their_sent, waited, resumed, strict=True),
-            ]
-            delays = [r - s for s, w, r in pairs if w <= s]
-            out["handoff"] = statistics.median(delays) if delays else 0.0
-            out["post"] = statistics.fmean(isends + irecvs + their_isends + their_irecvs)
-        dist.barrier()
-        if rank == 0:
-            (Path(folder) / "p2p.json").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "p2p":
-        _p2p_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "measure":
+    if len(sys.argv) == 4 and sys.argv[1] == "measure":
         _measure_worker(sys.argv[2], int(sys.argv[3]))
     else:
-        sys.exit(
-            "usage: python -m trial_runners.profile p2p FOLDER RANK WARMUP REPEATS | measure FOLDER INDEX"
-        )
+        sys.exit("usage: python -m trial_runners.profile measure FOLDER INDEX")

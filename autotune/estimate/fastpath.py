@@ -373,7 +373,7 @@ class StageArrays:
     send_act: np.ndarray
     evict: np.ndarray
     tail: np.ndarray
-    post: np.ndarray | None = None  # None: posting costs nothing
+    post: np.ndarray
 
     @classmethod
     def from_costs(cls, rows: list[list[StageCosts]]) -> StageArrays:
@@ -386,10 +386,9 @@ class StageArrays:
 def finish_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> np.ndarray:
     """(N, p): when each stage of each configuration is done with compute and transfers."""
     c = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
-    post = np.zeros_like(arrays.fwd) if arrays.post is None else arrays.post
     durations = [
         np.ascontiguousarray(a, dtype=np.float64)
-        for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, post)
+        for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, arrays.post)
     ]
     return _kernel(  # type: ignore[no-any-return]
         *durations, c.stage, c.kind, c.slot, c.wait_ptr, c.wait_slots, c.src, c.dst, c.link,

@@ -208,10 +208,10 @@ def test_a_thread_count_is_measured_in_as_many_processes_as_a_trial_has_ranks() 
 
 
 def test_a_failing_measurement_process_is_reported_with_its_last_log_line(tmp_path) -> None:
-    from trial_runners.profile import _run_side_by_side
+    from trial_runners.launch import run_side_by_side
 
     with pytest.raises(RuntimeError, match=r"^probe process 0 failed \(exit 1\): usage: python -m"):
-        _run_side_by_side(tmp_path, [["bogus"]], dict(os.environ), "probe")
+        run_side_by_side("trial_runners.profile", [["bogus"]], tmp_path, dict(os.environ), "probe")
 
 
 @pytest.mark.parametrize(
