@@ -28,6 +28,7 @@ configuration measured fastest is also predicted fastest.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -99,6 +100,7 @@ class Setup:
     steps: int  # measured steps per run (after one warm-up step)
     profile_repeats: int
     keep_profile: str | None
+    dump: str | None = None
 
 
 @dataclass
@@ -272,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         "--profile-repeats", type=int, default=None, help="profile repetitions per round (default 8, 4)"
     )
     p.add_argument("--keep-profile", default=None, help="also write the profile to this path")
+    p.add_argument("--dump", default=None, help="write each round's predictions and measurements (JSON)")
     a = p.parse_args(argv)
     return Setup(
         model=a.model,
@@ -285,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         steps=a.steps or (3 if a.quick else 5),
         profile_repeats=a.profile_repeats or (4 if a.quick else 8),
         keep_profile=a.keep_profile,
+        dump=a.dump,
     )
 
 
@@ -313,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             measure(setup, rows, w, r)
         print(f"round {r + 1} of {setup.reps} done", file=sys.stderr)
     report(setup, spec, profile, rows)
+    if setup.dump:
+        Path(setup.dump).write_text(json.dumps({
+            "rows": [
+                {"config": row.label(), "predicted": row.predictions, "measured": row.runs} for row in rows
+            ],
+        }, indent=1))  # fmt: skip
     return 0
 
 

@@ -6,10 +6,14 @@ posted where the program says and waited on just before its data is used; sends 
 at the end of the step, or, for BPipe's bulk transfers (EV, RS), before the stage's next
 allocating action that needs their room under the cap (see `autotune.schedules.memory`),
 which is when their memory is released.
+
+`action_times`, where given, collects each action's thread time by kind (the profile measures the
+cost of posting a transfer through these very handlers: `trial_runners.comm_profile`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,6 +103,7 @@ class StageExecutor:
         device: torch.device,
         tracker: ActivationTracker,
         loss_scale: float,
+        action_times: dict[Kind, list[float]] | None = None,
     ) -> None:
         self.module = module
         self.program = list(program)
@@ -109,6 +114,7 @@ class StageExecutor:
         self.dtype, self.device = dtype, device
         self.tracker = tracker
         self.loss_scale = loss_scale
+        self.action_times = action_times
 
     def run_step(self, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
         """Run the program once; returns (sum of scaled micro-batch losses, evicted bytes)."""
@@ -116,7 +122,12 @@ class StageExecutor:
         for action, release in zip(self.program, self.releases, strict=True):
             if release:
                 self._release_outgoing(st)
-            self._HANDLERS[action.kind](self, st, action.mb, batch)
+            if self.action_times is None:
+                self._HANDLERS[action.kind](self, st, action.mb, batch)
+            else:
+                start = time.perf_counter()
+                self._HANDLERS[action.kind](self, st, action.mb, batch)
+                self.action_times.setdefault(action.kind, []).append(time.perf_counter() - start)
         self._release_outgoing(st)
         for work in st.sends:
             work.wait()

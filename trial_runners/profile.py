@@ -21,8 +21,11 @@ trial. On CUDA the device is synchronised around every timed region.
 On a CPU each thread count t is measured as a trial runs its ranks: in `cores // t` fresh
 processes started side by side with the launcher's environment (`worker_env`), each timing every
 measurement at t threads, so each is slowed by real twins exactly as a rank is by the other
-ranks of its trial; their samples are pooled. (Measured in the parent instead, a process that
-has run other work, the same parts timed up to ~15 % apart from a trial's ranks here.)
+ranks of its trial; each figure is the slowest process's median, since a step waits for its
+slowest rank and the cores of a shared machine are not alike (here one of two processes ran up
+to ~40 % slower than its twin, and the pooled median under-predicted pp=2 trials by ~10 %).
+(Measured in the parent instead, a process that has run other work, the same parts timed up to
+~15 % apart from a trial's ranks here.)
 
 The optimizer: AdamW steps over one and over four layers' parameters give the step's fixed and
 per-parameter time, at each thread count.
@@ -35,8 +38,9 @@ indices. So one micro-batch on a stage saves exactly embed (first stage) + layer
 head (last stage) bytes; tests check this against real stages.
 
 Communication (`trial_runners.comm_profile.measure_p2p`): gloo point-to-point between two local
-processes, giving `cpu-local` its bandwidth (a large-message ping-pong), handoff latency and post
-time (a pipeline's handoffs between a computing and a waiting rank); skipped (null) on CUDA.
+processes, giving `cpu-local` its bandwidth (a large-message ping-pong), handoff latency (a
+pipeline's handoffs between a computing and a waiting rank) and post time (the executor's send
+and receive actions in a two-stage pipeline); skipped (null) on CUDA.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,9 +200,9 @@ def _measure_optimizer(
     return times
 
 
-def _optimizer_fit(threads: int, times: dict[int, list[float]]) -> dict[str, Any]:
-    """fixed_s + per_param_s x parameters through the medians at two parameter counts."""
-    (small, t_small), (large, t_large) = sorted((n, statistics.median(ts)) for n, ts in times.items())
+def _optimizer_fit(threads: int, times: dict[int, float]) -> dict[str, Any]:
+    """fixed_s + per_param_s x parameters through the times at two parameter counts."""
+    (small, t_small), (large, t_large) = sorted(times.items())
     per_param = max(0.0, (t_large - t_small) / (large - small))
     fixed = max(0.0, t_small - per_param * small)
     return {"threads": threads, "fixed_s": fixed, "per_param_s": per_param}
@@ -245,18 +249,22 @@ def _check_args(
 
 class _Samples:
     """Timings of every (part, micro-batch size, flash, recompute, threads) and of the optimizer
-    step, gathered over several passes; medians at the end."""
+    step, gathered over several passes, by process (`add` brings in another process's); at the
+    end each figure is the median of the slowest process."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, sync: Callable[[], None], *, warmup: int):
         self.spec, self.device, self.sync, self.warmup = spec, device, sync, warmup
-        self.times: dict[tuple[Any, ...], tuple[list[float], list[float]]] = {}
+        # key -> one (forward samples, backward samples) per process
+        self.times: dict[tuple[Any, ...], list[tuple[list[float], list[float]]]] = {}
         self.nbytes: dict[tuple[Any, ...], int] = {}
-        self.optimizer_times: dict[int, dict[int, list[float]]] = {}
+        # threads -> parameter count -> one list of samples per process
+        self.optimizer_times: dict[int, dict[int, list[list[float]]]] = {}
 
     def one_pass(
         self, threads: int, sizes: list[int], flash: list[bool], recompute: list[str], *, repeats: int
     ) -> None:
-        """`repeats` timed runs of every part at `threads`, and of the optimizer step."""
+        """`repeats` timed runs of every part at `threads`, and of the optimizer step (this
+        process's samples: the first process of every figure)."""
         spec, dev = self.spec, self.device
         for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
             modules = {
@@ -269,34 +277,34 @@ class _Samples:
                     if key not in self.nbytes:
                         self.nbytes[key] = p.activation_bytes()
                     fwd, bwd = _measure(p, warmup=self.warmup, repeats=repeats, sync=self.sync)
-                    got = self.times.setdefault(key, ([], []))
-                    got[0].extend(fwd)
-                    got[1].extend(bwd)
+                    got = self.times.setdefault(key, [([], [])])
+                    got[0][0].extend(fwd)
+                    got[0][1].extend(bwd)
         steps = _measure_optimizer(
             spec, dev, threads=threads, warmup=self.warmup, repeats=repeats, sync=self.sync
         )
         for n, ts in steps.items():
-            self.optimizer_times.setdefault(threads, {}).setdefault(n, []).extend(ts)
+            self.optimizer_times.setdefault(threads, {}).setdefault(n, [[]])[0].extend(ts)
 
     def to_json(self) -> dict[str, Any]:
+        """This process's samples (a `_Samples` filled by `one_pass` only)."""
         return {
-            "times": [[list(k), fwd, bwd] for k, (fwd, bwd) in self.times.items()],
+            "times": [[list(k), fwd, bwd] for k, [(fwd, bwd)] in self.times.items()],
             "nbytes": [[list(k), n] for k, n in self.nbytes.items()],
-            "optimizer": [[t, n, ts] for t, by_n in self.optimizer_times.items() for n, ts in by_n.items()],
+            "optimizer": [[t, n, ts] for t, by_n in self.optimizer_times.items() for n, [ts] in by_n.items()],
         }
 
     def add(self, data: dict[str, Any]) -> None:
-        """Pool another process's samples (`to_json`) into these."""
+        """Another process's samples (`to_json`), kept apart from the others'."""
         for key, fwd, bwd in data["times"]:
-            got = self.times.setdefault(tuple(key), ([], []))
-            got[0].extend(fwd)
-            got[1].extend(bwd)
+            self.times.setdefault(tuple(key), []).append((fwd, bwd))
         for key, n in data["nbytes"]:
             self.nbytes.setdefault(tuple(key), n)
         for t, n, ts in data["optimizer"]:
-            self.optimizer_times.setdefault(t, {}).setdefault(n, []).extend(ts)
+            self.optimizer_times.setdefault(t, {}).setdefault(n, []).append(ts)
 
     def entries(self) -> list[dict[str, Any]]:
+        """Each forward and backward time: the largest of the processes' medians."""
         return [
             {
                 "part": part,
@@ -304,15 +312,25 @@ class _Samples:
                 "flash_attention": fl,
                 "recompute": rc,
                 "threads": t,
-                "fwd_s": statistics.median(fwd),
-                "bwd_s": statistics.median(bwd),
+                "fwd_s": _slowest(fwd for fwd, _ in by_process),
+                "bwd_s": _slowest(bwd for _, bwd in by_process),
                 "activation_bytes": self.nbytes[(part, b, fl, rc, t)],
             }
-            for (part, b, fl, rc, t), (fwd, bwd) in self.times.items()
+            for (part, b, fl, rc, t), by_process in self.times.items()
         ]
 
     def optimizer(self) -> list[dict[str, Any]]:
-        return [_optimizer_fit(t, times) for t, times in self.optimizer_times.items()]
+        return [
+            _optimizer_fit(t, {n: _slowest(samples) for n, samples in by_n.items()})
+            for t, by_n in self.optimizer_times.items()
+        ]
+
+
+def _slowest(by_process: Iterable[list[float]]) -> float:
+    """The largest of the processes' median times: ranks measured side by side as a trial's run
+    at different speeds (the cores of a shared machine are not alike; here one process ran up to
+    ~40 % slower than its twin), and a step waits for its slowest rank."""
+    return max(statistics.median(samples) for samples in by_process)
 
 
 def _split(repeats: int, rounds: int) -> list[int]:

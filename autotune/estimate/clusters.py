@@ -43,7 +43,7 @@ CPU_LOCAL = "cpu-local"
 # between two processes on one machine moves a few GB/s at ~tens of microseconds per message.
 CPU_DEFAULT_P2P_BANDWIDTH = 2.0e9  # bytes/s
 CPU_DEFAULT_P2P_LATENCY = 50e-6  # s
-CPU_DEFAULT_P2P_POST = 50e-6  # s of the posting thread per isend / irecv call
+CPU_DEFAULT_P2P_POST = 200e-6  # s of the posting thread per send or receive action (executor, here)
 COMM_FIGURES = ("p2p_bandwidth", "p2p_latency", "p2p_post")
 CPU_DEFAULT_MEMORY_BANDWIDTH = 20e9  # bytes/s, a nominal DRAM figure per socket
 CPU_FALLBACK_MEMORY = 16 * 2**30  # used only where the OS does not report its RAM

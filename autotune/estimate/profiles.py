@@ -19,8 +19,9 @@ A profile file is one JSON object (written with `json`, never pickle):
 ```
 
 "comm": `p2p_latency` is the one-way time of an activation-sized message to a waiting rank
-while the sender computes (a pipeline handoff), `p2p_post` the sender's or receiver's thread time
-in one `isend` / `irecv` call; files without `p2p_post` are read too (cpu-local's default).
+while the sender computes (a pipeline handoff), `p2p_post` the thread time of one of the
+executor's send or receive actions while both ranks compute; files without `p2p_post` are read
+too (cpu-local's default).
 
 "optimizer" is the AdamW step as `fixed_s + per_param_s x parameters`, fitted to steps over one
 and over four layers' parameters; files without it are read too (the cost model then uses its

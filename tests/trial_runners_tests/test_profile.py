@@ -186,7 +186,7 @@ def test_default_threads_and_comm_in_a_small_profile() -> None:
 
 def test_a_thread_count_is_measured_in_as_many_processes_as_a_trial_has_ranks() -> None:
     """threads t: cores // t fresh processes measure side by side (twins loading the other cores
-    as a trial's other ranks do); each returns every measurement's samples, pooled by `add`."""
+    as a trial's other ranks do); each returns every measurement's samples, kept by process."""
     import torch
 
     from trial_runners.profile import _in_processes, _Samples
@@ -200,11 +200,33 @@ def test_a_thread_count_is_measured_in_as_many_processes_as_a_trial_has_ranks() 
         assert sorted(tuple(k)[0] for k, _, _ in samples["times"]) == ["embed", "head", "layer"]
         assert all(len(fwd) == len(bwd) == 2 for _, fwd, bwd in samples["times"])
         assert {t for t, _, _ in samples["optimizer"]} == {1}
-    pooled = _Samples(spec, torch.device("cpu"), lambda: None, warmup=0)
+    both = _Samples(spec, torch.device("cpu"), lambda: None, warmup=0)
     for samples in twins:
-        pooled.add(samples)
-    assert all(len(fwd) == 4 for fwd, _ in pooled.times.values())
-    assert {e["part"] for e in pooled.entries()} == {"embed", "head", "layer"}
+        both.add(samples)
+    assert all(len(by_process) == 2 for by_process in both.times.values())
+    assert {e["part"] for e in both.entries()} == {"embed", "head", "layer"}
+
+
+def test_each_figure_is_the_slowest_process_median() -> None:
+    """A step waits for its slowest rank: of processes measured side by side, the figure is the
+    largest of their medians (not the median of the pooled samples)."""
+    import torch
+
+    from trial_runners.profile import _Samples
+
+    key = ["layer", 1, True, "none", 1]
+    fast = {"times": [[key, [1.0, 2.0, 9.0], [4.0, 4.0, 4.0]]], "nbytes": [[key, 64]],
+            "optimizer": [[1, 10, [1.0, 1.0, 1.0]], [1, 40, [2.0, 2.0, 2.0]]]}  # fmt: skip
+    slow = {"times": [[key, [3.0, 3.0, 3.0], [1.0, 2.0, 3.0]]], "nbytes": [[key, 64]],
+            "optimizer": [[1, 10, [1.5, 1.5, 1.5]], [1, 40, [2.0, 2.0, 2.0]]]}  # fmt: skip
+    samples = _Samples(load_model("tiny-gpt"), torch.device("cpu"), lambda: None, warmup=0)
+    samples.add(fast)
+    samples.add(slow)
+    (entry,) = samples.entries()
+    assert (entry["fwd_s"], entry["bwd_s"], entry["activation_bytes"]) == (3.0, 4.0, 64)
+    (opt,) = samples.optimizer()  # the slowest: 1.5 s at 10 parameters, 2.0 s at 40
+    assert opt["per_param_s"] == pytest.approx(0.5 / 30)
+    assert opt["fixed_s"] == pytest.approx(1.5 - 10 * 0.5 / 30)
 
 
 def test_a_failing_measurement_process_is_reported_with_its_last_log_line(tmp_path) -> None:
@@ -234,3 +256,30 @@ def test_bad_arguments(kwargs, flag) -> None:
 def test_cuda_without_a_gpu() -> None:
     with pytest.raises(ConfigError, match="no GPU"):
         run_profile(load_model("tiny-gpt"), micro_batch_sizes=[1], device="cuda")
+
+
+def test_the_executor_times_each_action_by_kind_where_asked() -> None:
+    """`action_times` (how the profile times posts through the executor's own handlers): one
+    duration per action of the program, by kind; the stand-in stage trains like a real one."""
+    import torch
+
+    from autotune.schedules import generate
+    from autotune.schedules.ir import Kind
+    from trial_runners.comm_profile import _POST_SHAPE, _StandIn
+    from trial_runners.executor import StageExecutor, StageLinks
+    from trial_runners.memory import ActivationTracker
+
+    module = _StandIn(first=True, last=True, layers=2)
+    schedule = generate("1f1b", 1, 3)
+    times: dict[Kind, list[float]] = {}
+    executor = StageExecutor(
+        module, schedule.program(0), cap=schedule.cap, first=True, last=True,
+        links=StageLinks(prev=None, next=None, partner=None), activation_shape=_POST_SHAPE,
+        dtype=torch.float32, device=torch.device("cpu"), tracker=ActivationTracker.for_module(module),
+        loss_scale=1 / 3, action_times=times,
+    )  # fmt: skip
+    tokens = torch.ones(_POST_SHAPE[:2], dtype=torch.long)
+    loss, _ = executor.run_step(lambda mb: (tokens, tokens))
+    assert set(times) == {Kind.F, Kind.B}
+    assert len(times[Kind.F]) == len(times[Kind.B]) == 3 and all(t > 0 for t in times[Kind.F])
+    assert loss > 0 and module.weight.grad is not None and module.bias.grad is not None
