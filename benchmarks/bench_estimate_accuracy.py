@@ -99,6 +99,7 @@ class Setup:
     reps: int  # runs per configuration (alternating order)
     steps: int  # measured steps per run (after one warm-up step)
     profile_repeats: int
+    profile_passes: int
     keep_profile: str | None
     dump: str | None = None
 
@@ -148,7 +149,7 @@ def make_profile(setup: Setup, spec: ModelSpec) -> Profile:
         recompute=list(RECOMPUTE),
         warmup=2,
         repeats=setup.profile_repeats,
-        rounds=2,
+        rounds=setup.profile_passes,
     )
     if setup.keep_profile:
         path = save_profile(data, setup.keep_profile)
@@ -273,6 +274,9 @@ def parse_args(argv: list[str] | None = None) -> Setup:
     p.add_argument(
         "--profile-repeats", type=int, default=None, help="profile repetitions per round (default 8, 4)"
     )
+    p.add_argument(
+        "--profile-passes", type=int, default=None, help="passes the repetitions are spread over (default 2)"
+    )
     p.add_argument("--keep-profile", default=None, help="also write the profile to this path")
     p.add_argument("--dump", default=None, help="write each round's predictions and measurements (JSON)")
     a = p.parse_args(argv)
@@ -287,6 +291,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         reps=a.reps or (2 if a.quick else 8),
         steps=a.steps or (3 if a.quick else 5),
         profile_repeats=a.profile_repeats or (4 if a.quick else 8),
+        profile_passes=a.profile_passes or 2,
         keep_profile=a.keep_profile,
         dump=a.dump,
     )

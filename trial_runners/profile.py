@@ -11,8 +11,9 @@ are run forward and backward on their own, as the real stage modules (`build_sta
   cross-entropy, fed hidden states (B, T, H) and int64 targets with their own storage.
 
 Each part is timed directly (no subtraction), so no part's time is a difference of two noisy
-medians. Forward and backward are timed separately, `repeats` times spread over `rounds` passes
-through every measurement (each after `warmup` untimed runs), and the median is kept; the
+figures. Forward and backward are timed separately, `repeats` times spread over `rounds` passes
+through every measurement (each after `warmup` untimed runs), and the mean is kept (a step pays
+every operation's time, the slow ones too: here the mean is 2-4 % above the median); the
 backward of "layer" and "embed" gets a random output gradient, the head's is `loss.backward()`.
 Parameter gradients accumulate across repetitions, as across the micro-batches of a step. The
 forward runs under the executor's saved-tensor hooks (the exact activation count), as in a
@@ -21,9 +22,9 @@ trial. On CUDA the device is synchronised around every timed region.
 On a CPU each thread count t is measured as a trial runs its ranks: in `cores // t` fresh
 processes started side by side with the launcher's environment (`worker_env`), each timing every
 measurement at t threads, so each is slowed by real twins exactly as a rank is by the other
-ranks of its trial; each figure is the slowest process's median, since a step waits for its
+ranks of its trial; each figure is the slowest process's mean, since a step waits for its
 slowest rank and the cores of a shared machine are not alike (here one of two processes ran up
-to ~40 % slower than its twin, and the pooled median under-predicted pp=2 trials by ~10 %).
+to ~40 % slower than its twin, and pooled samples under-predicted pp=2 trials by ~10 %).
 (Measured in the parent instead, a process that has run other work, the same parts timed up to
 ~15 % apart from a trial's ranks here.)
 
@@ -250,7 +251,7 @@ def _check_args(
 class _Samples:
     """Timings of every (part, micro-batch size, flash, recompute, threads) and of the optimizer
     step, gathered over several passes, by process (`add` brings in another process's); at the
-    end each figure is the median of the slowest process."""
+    end each figure is the mean of the slowest process."""
 
     def __init__(self, spec: ModelSpec, device: torch.device, sync: Callable[[], None], *, warmup: int):
         self.spec, self.device, self.sync, self.warmup = spec, device, sync, warmup
@@ -304,7 +305,7 @@ class _Samples:
             self.optimizer_times.setdefault(t, {}).setdefault(n, []).append(ts)
 
     def entries(self) -> list[dict[str, Any]]:
-        """Each forward and backward time: the largest of the processes' medians."""
+        """Each forward and backward time: the largest of the processes' means."""
         return [
             {
                 "part": part,
@@ -327,10 +328,11 @@ class _Samples:
 
 
 def _slowest(by_process: Iterable[list[float]]) -> float:
-    """The largest of the processes' median times: ranks measured side by side as a trial's run
+    """The largest of the processes' mean times: ranks measured side by side as a trial's run
     at different speeds (the cores of a shared machine are not alike; here one process ran up to
-    ~40 % slower than its twin), and a step waits for its slowest rank."""
-    return max(statistics.median(samples) for samples in by_process)
+    ~40 % slower than its twin), and a step waits for its slowest rank; the mean, as a step pays
+    every operation's time, the slow ones too."""
+    return max(statistics.fmean(samples) for samples in by_process)
 
 
 def _split(repeats: int, rounds: int) -> list[int]:

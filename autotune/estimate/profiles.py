@@ -13,7 +13,7 @@ A profile file is one JSON object (written with `json`, never pickle):
           "p2p_post": s} | null,                                 # p2p_post optional
  "entries": [{"part": "layer" | "embed" | "head", "micro_batch_size": b,
               "flash_attention": bool, "recompute": "none" | "selective" | "full",
-              "threads": n, "fwd_s": median s, "bwd_s": median s,
+              "threads": n, "fwd_s": mean s, "bwd_s": mean s,
               "activation_bytes": exact saved bytes of one micro-batch}, ...],
  "optimizer": [{"threads": n, "fixed_s": s, "per_param_s": s}, ...]}   # optional
 ```
@@ -70,7 +70,7 @@ _FLAG = "--profile"
 @dataclass(frozen=True)
 class ProfileEntry:
     """One measured (or interpolated) part at one micro-batch size, attention kind, recompute
-    mode and thread count: median forward and backward seconds and exact saved bytes."""
+    mode and thread count: mean forward and backward seconds and exact saved bytes."""
 
     part: str
     micro_batch_size: int
