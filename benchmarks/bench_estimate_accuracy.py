@@ -9,8 +9,8 @@ profile taken once, minutes before the trials, would carry its spell into every 
 Each round's profile (`trial_runners.profile.run_profile`: the model's parts (layer, embed,
 head) at micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every
 thread count t the launcher gives ranks here, in cores // t processes side by side as a trial's
-ranks run, the optimizer step, and gloo point-to-point bandwidth, handoff latency and post
-time) goes through `save_profile` / `load_profile` as a file would, and predicts each
+ranks run (each figure the slowest process's mean), the optimizer step, and gloo point-to-point
+bandwidth, handoff latency and the executor's post time) goes through `save_profile` / `load_profile` as a file would, and predicts each
 configuration (world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute
 none/full, one global batch for all, so their step times compare) with
 `estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)`. Then one
@@ -18,6 +18,8 @@ none/full, one global batch for all, so their step times compare) with
 even rounds, reversed in odd ones), and `summarize` gives each run's step time (median of its
 measured steps, slowest rank). A configuration's predicted and measured times are the medians
 over the rounds.
+
+`--dump PATH` writes every round's predictions and measurements (JSON) for a closer look.
 
 Printed: per configuration the predicted and measured ms and the error; the predicted time's
 parts (the simulated pipeline of forwards, backwards and transfers, and the `tail`, the
