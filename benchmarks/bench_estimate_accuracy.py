@@ -10,9 +10,10 @@ Each round's profile (`trial_runners.profile.run_profile`: the model's parts (la
 head) at micro-batch sizes 1, 2, 4, 8, flash attention on, recompute none and full, at every
 thread count t the launcher gives ranks here, in cores // t processes side by side as a trial's
 ranks run (each figure the slowest process's mean), the optimizer step, and gloo point-to-point
-bandwidth, handoff latency and the executor's post time) goes through `save_profile` / `load_profile` as a file would, and predicts each
-configuration (world size <= 2: pp 1 and 2, micro-batch 1-8, 1f1b/gpipe/bpipe, recompute
-none/full, one global batch for all, so their step times compare) with
+bandwidth, handoff latency and the executor's post time) goes through `save_profile` /
+`load_profile` as a file would, and predicts each configuration (world size <= 2: pp 1 and 2,
+micro-batch 1-8, 1f1b/gpipe/bpipe, recompute none/full, one global batch for all, so their step
+times compare) with
 `estimate(cfg, load_cluster("cpu-local", comm=profile.comm), profile=profile)`. Then one
 `run_job` per world size runs all its configurations once on the same ranks (in forward order in
 even rounds, reversed in odd ones), and `summarize` gives each run's step time (median of its

@@ -41,6 +41,15 @@ class JobOutcome:
     failed_run: int | None = None
 
 
+def _spawn(cmd: list[str], log: Path, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start `cmd` in the project root, its output going to `log`; it dies with this process."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(_ROOT), preexec_fn=_die_with_parent,
+            **kwargs,
+        )  # fmt: skip
+
+
 def worker_env(world_size: int, device: str, *, local: bool = True) -> dict[str, str]:
     """The ranks' environment; `local`: every rank on this machine (gloo over loopback)."""
     env = dict(os.environ)
@@ -72,18 +81,7 @@ def run_side_by_side(
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, args in enumerate(argv):
-            log = open(folder / f"process{i}.log", "wb")  # noqa: SIM115 - closed with the process
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", module, *args],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=str(_ROOT),
-                    preexec_fn=_die_with_parent,
-                )
-            )
-            log.close()
+            procs.append(_spawn([sys.executable, "-m", module, *args], folder / f"process{i}.log", env))
         deadline = None if timeout is None else time.monotonic() + timeout
         for i, proc in enumerate(procs):
             try:
@@ -133,20 +131,9 @@ def run_job(
         procs: list[subprocess.Popen[bytes]] = []
         try:
             for rank in local:
-                log = open(folder / f"rank{rank}.log", "wb")  # noqa: SIM115 - closed with the process
-                kwargs: dict[str, Any] = {"process_group": procs[0].pid if procs else 0}
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "trial_runners.worker", str(folder / "job.json"), str(rank)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=str(_ROOT),
-                        preexec_fn=_die_with_parent,
-                        **kwargs,
-                    )
-                )
-                log.close()
+                cmd = [sys.executable, "-m", "trial_runners.worker", str(folder / "job.json"), str(rank)]
+                group = procs[0].pid if procs else 0
+                procs.append(_spawn(cmd, folder / f"rank{rank}.log", env, process_group=group))
             status, error = _watch(procs, folder, timeout, local)
         finally:
             _kill_all(procs)
