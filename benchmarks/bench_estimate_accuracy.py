@@ -283,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> Setup:
     p.add_argument("--keep-profile", default=None, help="also write the profile to this path")
     p.add_argument("--dump", default=None, help="write each round's predictions and measurements (JSON)")
     a = p.parse_args(argv)
+    if a.dump and not Path(a.dump).parent.is_dir():
+        p.error(f"--dump: the folder of {a.dump} does not exist")  # before minutes of measuring
     return Setup(
         model=a.model,
         hidden_size=a.hidden_size,
