@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from storage.engine import dump_json
-from storage.models import Prediction, Study, Trial
-from storage.records import FINISHED_STATUSES, PredictionRecord, StudyRecord, TrialRecord
+from storage.models import Lease, Prediction, Study, Trial
+from storage.records import FINISHED_STATUSES, LeaseRecord, PredictionRecord, StudyRecord, TrialRecord
 
 STAGE_FIELDS = ("peak_activation_bytes", "peak_memory_bytes", "evicted_bytes", "predicted_peak_memory_bytes")
 
@@ -26,6 +26,17 @@ def study_record(row: Study) -> StudyRecord:
         cluster=row.cluster,
         fingerprint=row.fingerprint_hash,
         created=row.created,
+    )
+
+
+def lease_record(row: Lease) -> LeaseRecord:
+    return LeaseRecord(
+        study=row.study,
+        holder=row.holder,
+        host=row.host,
+        pid=row.pid,
+        acquired_at=row.acquired_at,
+        heartbeat_at=row.heartbeat_at,
     )
 
 

@@ -11,16 +11,25 @@ Contract, for every backend:
   nothing. A campaign killed at any moment therefore loses no finished trial; its running
   trials are closed as failed ("interrupted") by `interrupt_running`.
 - Bad user input (a URL, a clashing study name) raises `StoreError`, one line, nothing written.
-  An unknown trial, study or fingerprint raises `NotFoundError`.
+  An unknown trial, study or fingerprint raises `NotFoundError`. A database that cannot take a
+  write or a read (a full disk, a read-only or damaged database) raises `StoreError` too, and
+  the transaction it broke leaves nothing behind.
+- One campaign per study: a study has at most one lease. Of any number of campaigns racing to
+  `acquire_lease` it, exactly one wins; the others get `StoreError` naming the winner. A lease
+  whose heartbeat is older than `stale_after` seconds, or whose process is gone from this host,
+  is taken over. Lease times are UTC from the clocks of the hosts that write them.
 """
 
 from __future__ import annotations
 
 import abc
+import socket
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from storage.records import INTERRUPTED, PredictionRecord, StudyRecord, TrialRecord
+from storage.errors import StoreError
+from storage.records import INTERRUPTED, LeaseRecord, PredictionRecord, StudyRecord, TrialRecord
 
 
 class BaseStore(abc.ABC):
@@ -109,10 +118,48 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def timeline(self, trial_id: int) -> list[Any] | dict[str, Any] | None: ...
 
+    @abc.abstractmethod
+    def acquire_lease(
+        self, study: str, *, holder: str, host: str, pid: int, stale_after: float = 30.0
+    ) -> LeaseRecord:
+        """Take the study's lease for `holder` (process `pid` on `host`), in one write transaction.
+
+        Taken if the study has no lease, if its lease is `holder`'s already, if its heartbeat is
+        older than `stale_after` seconds (a campaign killed without releasing it), or if it is
+        held on this same `host` by a `pid` that is no longer alive. Otherwise `StoreError`
+        (field `--study`) naming the holder's pid, host, start and last heartbeat. The study
+        itself need not exist yet.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, study: str, holder: str) -> bool:
+        """Refresh the lease's heartbeat; False if `holder` no longer holds it (taken over)."""
+
+    @abc.abstractmethod
+    def release_lease(self, study: str, holder: str) -> None:
+        """Give the lease up if `holder` holds it; otherwise do nothing."""
+
+    @abc.abstractmethod
+    def lease(self, study: str) -> LeaseRecord | None: ...
+
+    @abc.abstractmethod
+    def leases(self) -> list[LeaseRecord]:
+        """Every study's lease, by study name."""
+
     # Conveniences, built on the core above.
 
     def study(self, name: str) -> StudyRecord | None:
         return next((s for s in self.studies() if s.name == name), None)
+
+    def check_lease_free(self, study: str, *, stale_after: float = 30.0) -> None:
+        """`StoreError` (field `--study`), as `acquire_lease` would raise it, if a live campaign
+        holds the study's lease; a read, so a read-only store can tell before a campaign starts."""
+        lease = self.lease(study)
+        now = datetime.now(UTC)
+        if lease is not None and not lease.abandoned(
+            host=socket.gethostname(), now=now, stale_after=stale_after
+        ):
+            raise StoreError("--study", lease.refusal(now))
 
     def measured(self, config_hash: str, fingerprint: str) -> TrialRecord | None:
         """The latest finished trial of a config on that hardware, in any study.

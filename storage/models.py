@@ -28,6 +28,7 @@ from sqlalchemy.types import TypeDecorator
 
 HASH = String(64)
 NAME = String(255)
+VERSION_TABLE = "autotune_alembic_version"  # Alembic's, apart from Optuna's `alembic_version`
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -155,3 +156,16 @@ class Timeline(Base):
 
     trial_id: Mapped[int] = mapped_column(ForeignKey("autotune_trials.id"), primary_key=True)
     timeline: Mapped[Any] = mapped_column(JSON)
+
+
+class Lease(Base):
+    """Which campaign runs a study now; keyed by the study's name, which may not be a row yet."""
+
+    __tablename__ = "autotune_leases"
+
+    study: Mapped[str] = mapped_column(NAME, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(32))
+    host: Mapped[str] = mapped_column(NAME)
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -96,3 +97,46 @@ class TrialRecord:
     @property
     def finished(self) -> bool:
         return self.status != "running"
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A study's lease: the campaign `holder` (a random id) runs it as process `pid` on `host`.
+
+    `acquired_at` and `heartbeat_at` are aware UTC datetimes.
+    """
+
+    study: str
+    holder: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    heartbeat_at: datetime
+
+    def abandoned(self, *, host: str, now: datetime, stale_after: float) -> bool:
+        """Whether its campaign died, as seen from `host` at `now`: no heartbeat for `stale_after`
+        seconds (killed, or its machine lost), or, held on `host` itself, its pid is gone."""
+        if (now - self.heartbeat_at).total_seconds() > stale_after:
+            return True
+        return self.host == host and not _alive(self.pid)
+
+    def refusal(self, now: datetime) -> str:
+        """The rule of the `StoreError` (field `--study`) for a campaign that wants this study."""
+        age = max(0.0, (now - self.heartbeat_at).total_seconds())
+        return (
+            f"study {self.study!r} is being run by another campaign (pid {self.pid} on {self.host}, "
+            f"started {self.acquired_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {age:.0f} s ago); "
+            "wait for it to finish, or stop it"
+        )
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # not a process: os.kill(0, ...) would signal our own process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

@@ -2,30 +2,32 @@
 
 `_session` is the one place that opens a session, commits and rolls back. Every method reads
 or writes inside it and turns rows into frozen records before the session closes, so no ORM
-object leaves this package. See `storage.base` for the contract every store keeps.
+object leaves this package; a database that cannot take the write (a full disk, a read-only or
+damaged file) becomes one `StoreError` line there. See `storage.base` for the contract every
+store keeps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, select, update
+from sqlalchemy import Select, delete, inspect, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
 from storage import _convert as conv
 from storage.base import BaseStore
-from storage.engine import FIELD, READ_ONLY, is_memory, open_engine, parse_url, safe_url
+from storage.engine import FIELD, READ_ONLY, open_engine, parse_url, safe_url, sqlite_path, storage_failures
 from storage.errors import FinishedTrialError, NotFoundError, StoreError
 from storage.migrate import current_engine, ensure_current
 from storage.models import (
     Base,
     Config,
     Fingerprint,
+    Lease,
     Prediction,
     Profile,
     Study,
@@ -36,6 +38,7 @@ from storage.models import (
 )
 from storage.records import (
     INTERRUPTED,
+    LeaseRecord,
     PredictionRecord,
     StudyRecord,
     TrialRecord,
@@ -48,26 +51,33 @@ __all__ = ["Store", "StoreError", "FinishedTrialError", "NotFoundError", "config
 
 def _require_file(url: str) -> None:
     """A store opened only to read must not create an empty SQLite file."""
-    parsed = parse_url(url)
-    if parsed.drivername == "sqlite" and not is_memory(parsed) and not Path(parsed.database or "").exists():
-        raise StoreError(FIELD, f"no database at {parsed.database!r}")
+    path = sqlite_path(parse_url(url))
+    if path is not None and not path.exists():
+        raise StoreError(FIELD, f"no database at {str(path)!r}")
 
 
 class Store(BaseStore):
     """A store at a database URL (`sqlite:///PATH`, `postgresql://USER@HOST/DB`).
 
-    Opening validates the URL and connects (`StoreError` on failure, nothing written), then
-    migrates the schema to the newest revision unless `migrate=False`. `url` is the URL with its
-    driver pinned (`postgresql://` becomes `postgresql+psycopg://`), ready for Optuna's storage.
+    Opening validates the URL, checks the database and connects (`StoreError` on failure,
+    nothing written: see `storage.engine.open_engine`), then migrates the schema to the newest
+    revision unless `migrate=False`. `read_only=True` is for commands that only read (`autotune
+    best`): it opens SQLite with `mode=ro` and PostgreSQL in read-only transactions, never
+    migrates, refuses a database without autotune's data, and its write methods raise
+    `RuntimeError`. `url` is the URL with its driver pinned (`postgresql://` becomes
+    `postgresql+psycopg://`), ready for Optuna's storage; it holds the password, so show
+    `storage.engine.safe_url(store.url)` instead.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
-        if not migrate:
+    def __init__(self, url: str, *, migrate: bool = True, read_only: bool = False) -> None:
+        self.read_only = read_only
+        self._migrated = migrate and not read_only
+        if read_only or not migrate:
             _require_file(url)
-        self._engine = open_engine(url)
+        self._engine = open_engine(url, read_only=read_only)
         self.url = self._engine.url.render_as_string(hide_password=False)
         try:
-            if migrate:
+            if self._migrated:
                 ensure_current(self._engine)
             elif current_engine(self._engine) is None:
                 raise StoreError(
@@ -87,15 +97,20 @@ class Store(BaseStore):
 
     @contextmanager
     def _session(self, *, write: bool = True) -> Iterator[Session]:
-        session = (self._writes if write else self._reads)()
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        if write and self.read_only:
+            raise RuntimeError(
+                f"the store at {safe_url(self.url)} was opened read-only; use Store(url) to write"
+            )
+        with storage_failures(self.url, write=write):
+            session = (self._writes if write else self._reads)()
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
 
     def _insert_missing(self, session: Session, table: type[Base], /, **values: Any) -> None:
         """INSERT unless a row with the same key exists, also against concurrent writers."""
@@ -300,6 +315,70 @@ class Store(BaseStore):
     def timeline(self, trial_id: int) -> list[Any] | dict[str, Any] | None:
         with self._session(write=False) as s:
             return s.scalar(select(Timeline.timeline).where(Timeline.trial_id == trial_id))
+
+    def acquire_lease(
+        self, study: str, *, holder: str, host: str, pid: int, stale_after: float = 30.0
+    ) -> LeaseRecord:
+        now = utcnow()
+        mine = {"holder": holder, "host": host, "pid": pid, "heartbeat_at": now}
+        with self._session() as s:  # SQLite: BEGIN IMMEDIATE holds the write lock from here
+            insert = sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert
+            for _ in range(3):  # a lease released between our INSERT and SELECT: insert again
+                took = s.execute(
+                    insert(Lease)
+                    .values(study=study, acquired_at=now, **mine)
+                    .on_conflict_do_nothing()
+                    .returning(Lease.study)
+                ).first()
+                if took is not None:
+                    return self._lease_in(s, study)
+                # PostgreSQL: FOR UPDATE makes a racing taker wait here, then see our lease
+                query = select(Lease).where(Lease.study == study).with_for_update()
+                row = s.scalars(query.execution_options(populate_existing=True)).one_or_none()
+                if row is None:
+                    continue
+                held = conv.lease_record(row)
+                if row.holder != holder and not held.abandoned(host=host, now=now, stale_after=stale_after):
+                    raise StoreError("--study", held.refusal(now))
+                values = mine if row.holder == holder else {**mine, "acquired_at": now}
+                s.execute(
+                    update(Lease).where(Lease.study == study, Lease.holder == row.holder).values(**values)
+                )
+                return self._lease_in(s, study)
+        raise RuntimeError(f"the lease of study {study!r} kept vanishing while it was being taken")
+
+    def heartbeat(self, study: str, holder: str) -> bool:
+        with self._session() as s:
+            beat = s.execute(
+                update(Lease)
+                .where(Lease.study == study, Lease.holder == holder)
+                .values(heartbeat_at=utcnow())
+                .returning(Lease.study)
+            ).first()
+            return beat is not None
+
+    def release_lease(self, study: str, holder: str) -> None:
+        with self._session() as s:
+            s.execute(delete(Lease).where(Lease.study == study, Lease.holder == holder))
+
+    def lease(self, study: str) -> LeaseRecord | None:
+        with self._session(write=False) as s:
+            row = s.get(Lease, study) if self._has_leases(s) else None
+            return None if row is None else conv.lease_record(row)
+
+    def leases(self) -> list[LeaseRecord]:
+        with self._session(write=False) as s:
+            if not self._has_leases(s):
+                return []
+            return [conv.lease_record(r) for r in s.scalars(select(Lease).order_by(Lease.study))]
+
+    def _has_leases(self, session: Session) -> bool:
+        """A store that did not migrate may read a schema from before leases (0003): none then."""
+        return self._migrated or inspect(session.connection()).has_table(Lease.__tablename__)
+
+    def _lease_in(self, session: Session, study: str) -> LeaseRecord:
+        query = select(Lease).where(Lease.study == study).execution_options(populate_existing=True)
+        return conv.lease_record(session.scalars(query).one())
 
 
 def _trial_query() -> Select[Trial]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from storage import Store
@@ -68,3 +71,33 @@ def study(
     fp = store.register_fingerprint(hw or H100)
     store.create_study(name, space=SPACE, model=model, cluster=cluster, fingerprint=fp)
     return fp
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def autotune_sqlite(path: Path, *, trials: int = 20) -> str:
+    """A real autotune database at `path` holding a study, its predictions and finished trials;
+    closed, so its WAL is checkpointed into the file. Returns its URL."""
+    url = f"sqlite:///{path}"
+    with Store(url) as store:
+        fp = study(store)
+        store.save_predictions("s1", [(config(pp=p), predicted(pp=p)) for p in (1, 2, 4)])
+        for i in range(trials):
+            tid = store.start_trial(
+                "s1", config=config(micro_batches=i), fingerprint=fp, predicted=predicted()
+            )
+            store.finish_trial(tid, result("ok" if i % 3 else "oom"))
+    return url
+
+
+def quick_check(path: Path) -> str:
+    """SQLite's own verdict on the file, read-only: "ok", or its first complaint."""
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    finally:
+        conn.close()

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from storage import Store, StoreError, migrate
-from storage.engine import READ_ONLY, open_engine, parse_url, safe_url
+from storage.engine import READ_ONLY, is_persistent, open_engine, parse_url, safe_url
 
 
 def _free_port() -> int:
@@ -55,17 +55,21 @@ def test_a_sqlite_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     _refused(f"sqlite:///{tmp_path}", match="is a directory")
 
 
-def test_a_file_that_is_not_a_database_is_refused_and_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"not a database\n" * 200, bytes(range(256)) * 64])
+def test_a_file_that_is_not_a_database_is_refused_and_kept(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "notes.db"
-    path.write_text("not a database\n" * 200)
-    _refused(f"sqlite:///{path}", match="cannot connect to .*not a database")
-    assert path.read_text() == "not a database\n" * 200
+    path.write_bytes(content)
+    error = _refused(f"sqlite:///{path}", match="not an? (SQLite )?database")
+    assert path.read_bytes() == content and sorted(tmp_path.iterdir()) == [path]
+    with pytest.raises(StoreError, match="is not an SQLite database"):
+        Store(f"sqlite:///{path}")
+    assert "\n" not in str(error)
 
 
 def test_an_unreachable_server_is_refused_without_showing_the_password() -> None:
     url = f"postgresql://autotune:s3cret@127.0.0.1:{_free_port()}/autotune"
     error = _refused(url, match="cannot connect to postgresql")
-    assert "s3cret" not in str(error) and "autotune@127.0.0.1" in error.rule
+    assert "s3cret" not in str(error) and "autotune:***@127.0.0.1" in error.rule
 
 
 def test_a_missing_database_on_a_live_server_is_refused(postgres_url: str) -> None:
@@ -76,7 +80,10 @@ def test_a_missing_database_on_a_live_server_is_refused(postgres_url: str) -> No
 def test_postgresql_urls_use_psycopg_3() -> None:
     assert parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert parse_url("postgresql+psycopg://u@h/db").drivername == "postgresql+psycopg"
-    assert safe_url("postgresql://u:pw@h:5/db") == "postgresql://u@h:5/db"
+    assert safe_url("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
+    assert safe_url(parse_url("postgresql://u:p%40w@h/db?sslpassword=k")) == (
+        "postgresql+psycopg://u:***@h/db?sslpassword=***"
+    )
     with pytest.raises(StoreError, match="names no database"):
         parse_url("postgresql://u@h")
 
@@ -121,3 +128,39 @@ def test_a_store_keeps_its_url_with_the_driver_pinned(store_url: str) -> None:
     plain = store_url.replace("postgresql+psycopg://", "postgresql://")
     with Store(plain) as store:
         assert store.url == store_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:secretpw@127.0.0.1:notaport/db",
+        "postgresql://u:secretpw@[::1/db",
+        "postgresql://u:secret@pw:x/y@127.0.0.1/db",
+        "postgresql+psycopg2://u:secretpw@127.0.0.1/db",
+    ],
+)
+def test_a_bad_url_is_refused_without_its_password(url: str) -> None:
+    error = _refused(url, match="cannot parse|unsupported backend")
+    chain = [error, *(e for e in (error.__cause__, error.__context__) if e is not None)]
+    assert all("secretpw" not in str(e) and "secret@pw" not in str(e) for e in chain)
+    assert "u:***@" in error.rule
+
+
+def test_a_sqlite_uri_filename_is_refused(tmp_path: Path) -> None:
+    _refused(f"sqlite:///file:{tmp_path / 'a.db'}?mode=rwc&uri=true", match="uri=true")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "persistent"),
+    [
+        ("sqlite://", False),
+        ("sqlite:///:memory:", False),
+        ("sqlite+pysqlite://", False),
+        ("sqlite+pysqlite:///:memory:", False),
+        ("sqlite:///autotune.db", True),
+        ("postgresql://u@h/db", True),
+    ],
+)
+def test_in_memory_urls_are_not_persistent(url: str, persistent: bool) -> None:
+    assert is_persistent(url) is persistent
