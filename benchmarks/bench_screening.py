@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = rng.sample(range(n), min(setup.sample, n))
     worst = 0.0
     for i in sample:
-        sim = float(estimate(configs[i], cluster)["step_time_s"])  # type: ignore[arg-type]
+        sim = float(estimate(configs[i], cluster, record=True)["step_time_s"])  # type: ignore[arg-type]
         fast = float(results[i]["step_time_s"])  # type: ignore[arg-type]
         worst = max(worst, abs(sim - fast) / abs(sim))
     ok = worst <= REL_TOL

@@ -17,7 +17,6 @@ of a second. Tests check it against `simulate` to floating-point precision.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,19 +142,30 @@ def _stage_ops(schedule: Schedule, s: int, slots: _Slots) -> list[StageOp]:
     outgoing: list[TransferKey] = []
     own_posts: set[TransferKey] = set()
     ops: list[StageOp] = []
+    append, known = ops.append, slots.index
+
+    def slot_of(key: TransferKey) -> int:
+        found = known.get(key)
+        return slots(key) if found is None else found
+
+    none: tuple[int, ...] = ()
     for action, release in zip(program, release_points(program, schedule.cap), strict=True):
         kind = action.kind
         waits = needed_transfers(schedule, s, action, outgoing if release else [], own_posts)
         if release:
             outgoing = []
-        if kind is Kind.F or kind is Kind.B:
-            ops.append((FWD if kind is Kind.F else BWD, tuple(map(slots, waits)), -1))
+        waited = tuple([slot_of(w) for w in waits]) if waits else none
+        if kind is Kind.F:
+            append((FWD, waited, -1))
+            continue
+        if kind is Kind.B:
+            append((BWD, waited, -1))
             continue
         key = transfer_key(schedule, s, action)
         own_posts.add(key)
         if kind is Kind.EVICT or kind is Kind.RESTORE:
             outgoing.append(key)
-        ops.append((POST, tuple(map(slots, waits)), slots(key)))
+        append((POST, waited, slot_of(key)))
     return ops
 
 
@@ -165,20 +175,27 @@ def _dependency_order(programs: list[list[StageOp]], num_slots: int) -> list[tup
     posted = [0] * num_slots
     pc = [0] * len(programs)
     order: list[tuple[int, StageOp]] = []
+    append = order.append
     progressed = True
     while progressed:
         progressed = False
         for s, ops in enumerate(programs):
-            i = pc[s]
-            while i < len(ops):
+            i = start = pc[s]
+            n = len(ops)
+            while i < n:
                 op = ops[i]
-                if any(posted[w] < 2 for w in op[1]):
+                blocked = False
+                for w in op[1]:
+                    if posted[w] < 2:
+                        blocked = True
+                        break
+                if blocked:
                     break
                 if op[2] >= 0:
                     posted[op[2]] += 1
-                order.append((s, op))
+                append((s, op))
                 i += 1
-            if i > pc[s]:
+            if i > start:
                 pc[s] = i
                 progressed = True
     if any(pc[s] < len(ops) for s, ops in enumerate(programs)):
@@ -192,9 +209,11 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
     programs = [_stage_ops(schedule, s, slots) for s in range(schedule.num_stages)]
     order = _dependency_order(programs, len(slots.src))
 
-    def array(values: Iterable[int]) -> np.ndarray:
-        return np.fromiter(values, dtype=np.int64)
+    def array(values: list[int]) -> np.ndarray:
+        return np.array(values, dtype=np.int64)
 
+    stages = [s for s, _ in order]
+    ops = [op for _, op in order]
     peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
     pairs = np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64)
     return CompiledSchedule(
@@ -202,21 +221,21 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
         num_stages=schedule.num_stages,
         num_microbatches=schedule.num_microbatches,
         cap=schedule.cap,
-        stage=array(s for s, _ in order),
-        kind=array(op[0] for _, op in order),
-        slot=array(op[2] for _, op in order),
-        wait_ptr=array(itertools.accumulate((len(op[1]) for _, op in order), initial=0)),
-        wait_slots=array(w for _, op in order for w in op[1]),
+        stage=array(stages),
+        kind=array([op[0] for op in ops]),
+        slot=array([op[2] for op in ops]),
+        wait_ptr=array(list(itertools.accumulate([len(op[1]) for op in ops], initial=0))),
+        wait_slots=array([w for op in ops for w in op[1]]),
         src=array(slots.src),
         dst=array(slots.dst),
         link=array(slots.link),
         duration_kind=array(slots.duration_kind),
         duration_stage=array(slots.duration_stage),
         num_links=len(slots.links),
-        partner=array(-1 if q is None else q for q in schedule.partner),
+        partner=array([-1 if q is None else q for q in schedule.partner]),
         peak_pairs=pairs.reshape(-1, 2),
-        peak_ptr=array(itertools.accumulate((len(x) for x in peaks), initial=0)),
-        evictions=array(sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs),
+        peak_ptr=array(list(itertools.accumulate([len(x) for x in peaks], initial=0))),
+        evictions=array([sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs]),
     )
 
 
@@ -297,13 +316,16 @@ def _replay(
     duration_kind: np.ndarray,
     duration_stage: np.ndarray,
     num_links: int,
-) -> np.ndarray:
-    """(N, p): when each stage's compute and every transfer it takes part in are done, per
-    configuration (rows of the (N, p) duration arrays). The simulator's recurrences, in the
-    compiled order; times start at 0, so an unused link's clock can start at 0 too."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two (N, p) arrays, per configuration (rows of the (N, p) duration arrays): when each
+    stage's compute and every transfer it takes part in are done, and how long each stage's
+    compute waited on BPipe transfers (evictions, stashes, loads, returns: the simulator's
+    `exposed_transfer`). The simulator's recurrences, in the compiled order; times start at 0,
+    so an unused link's clock can start at 0 too."""
     n, p = fwd.shape
     num_slots = len(src)
     out = np.empty((n, p))
+    exposed = np.zeros((n, p))
     clock = np.empty(p)
     finish = np.empty(p)
     first = np.empty(num_slots)
@@ -318,10 +340,16 @@ def _replay(
         for i in range(len(stage)):
             s = stage[i]
             now = clock[s]
+            bpipe_wait = 0.0
             for w in range(wait_ptr[i], wait_ptr[i + 1]):
-                ready = end[wait_slots[w]]
+                t = wait_slots[w]
+                ready = end[t]
                 if ready > now:
+                    if duration_kind[t] != SEND and ready - clock[s] > bpipe_wait:
+                        bpipe_wait = ready - clock[s]
                     now = ready
+            if now > clock[s]:
+                exposed[c, s] += bpipe_wait
             k = kind[i]
             if k == FWD:
                 clock[s] = now + fwd[c, s]
@@ -348,7 +376,7 @@ def _replay(
                 finish[b] = done
         for s in range(p):
             out[c, s] = max(clock[s], finish[s])
-    return out
+    return out, exposed
 
 
 def _compiled_replay() -> Any:
@@ -383,8 +411,37 @@ class StageArrays:
         return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), grab("tail"), grab("post"))
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What the fast path gives for N configurations sharing a schedule: (N,) step times and
+    bubble fractions, (N, p) finish times and BPipe-transfer waits (`exposed`), seconds."""
+
+    step: np.ndarray
+    bubble: np.ndarray
+    finish: np.ndarray
+    exposed: np.ndarray
+
+
+def replay(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> Replayed:
+    """The simulator's step time, bubble, finish times and exposed BPipe transfer time of each
+    configuration (rows of `arrays`), all sharing `schedule`."""
+    finish, exposed = _finish_and_exposed(schedule, arrays)
+    p, m = schedule.num_stages, schedule.num_microbatches
+    makespan = finish.max(axis=1)
+    step = (finish + arrays.tail).max(axis=1)
+    busy = m * (arrays.fwd + arrays.bwd).sum(axis=1)
+    bubble = np.where(makespan > 0, 1.0 - busy / (p * np.where(makespan > 0, makespan, 1.0)), 0.0)
+    return Replayed(step, bubble, finish, exposed)
+
+
 def finish_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> np.ndarray:
     """(N, p): when each stage of each configuration is done with compute and transfers."""
+    return _finish_and_exposed(schedule, arrays)[0]
+
+
+def _finish_and_exposed(
+    schedule: Schedule | CompiledSchedule, arrays: StageArrays
+) -> tuple[np.ndarray, np.ndarray]:
     c = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
     durations = [
         np.ascontiguousarray(a, dtype=np.float64)
@@ -398,15 +455,11 @@ def finish_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> 
 
 def step_times(schedule: Schedule | CompiledSchedule, arrays: StageArrays) -> tuple[np.ndarray, np.ndarray]:
     """(step time, bubble fraction) of each configuration, all sharing `schedule`."""
-    finish = finish_times(schedule, arrays)
-    p, m = schedule.num_stages, schedule.num_microbatches
-    makespan = finish.max(axis=1)
-    step = (finish + arrays.tail).max(axis=1)
-    busy = m * (arrays.fwd + arrays.bwd).sum(axis=1)
-    bubble = np.where(makespan > 0, 1.0 - busy / (p * np.where(makespan > 0, makespan, 1.0)), 0.0)
-    return step, bubble
+    out = replay(schedule, arrays)
+    return out.step, out.bubble
 
 
 __all__ = [
-    "CompiledSchedule", "StageArrays", "compile_schedule", "compiled_schedule", "finish_times", "step_times",
+    "CompiledSchedule", "Replayed", "StageArrays", "compile_schedule", "compiled_schedule", "finish_times",
+    "replay", "step_times",
 ]  # fmt: skip

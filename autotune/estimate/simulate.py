@@ -93,18 +93,23 @@ def needed_transfers(
     `outgoing` are the stage's evictions and returns released before this action, `posted` the
     transfers some end has posted so far (a backward waits for its load only if one was posted)."""
     s, k, kind = stage, action.mb, action.kind
-    p, partner = schedule.num_stages, schedule.partner[stage]
-    out: list[TransferKey] = list(outgoing)
-    if kind is Kind.F and s > 0:
-        out.append(("act", k, s - 1, s))
-    if kind is Kind.B and s < p - 1:
-        out.append(("grad", k, s + 1, s))
-    if kind is Kind.B and partner is not None and ("load", k, partner, s) in posted:
-        out.append(("load", k, partner, s))
-    if kind is Kind.EVICT and s < p - 1:
-        out.append(("act", k, s, s + 1))  # its activation send must complete first
-    if kind is Kind.RESTORE and partner is not None:
-        out.append(("evict", k, partner, s))
+    out: list[TransferKey] = list(outgoing) if outgoing else []
+    if kind is Kind.F:
+        if s > 0:
+            out.append(("act", k, s - 1, s))
+    elif kind is Kind.B:
+        if s < schedule.num_stages - 1:
+            out.append(("grad", k, s + 1, s))
+        partner = schedule.partner[s]
+        if partner is not None and ("load", k, partner, s) in posted:
+            out.append(("load", k, partner, s))
+    elif kind is Kind.EVICT:
+        if s < schedule.num_stages - 1:
+            out.append(("act", k, s, s + 1))  # its activation send must complete first
+    elif kind is Kind.RESTORE:
+        partner = schedule.partner[s]
+        if partner is not None:
+            out.append(("evict", k, partner, s))
     return out
 
 
@@ -145,6 +150,7 @@ class _Replay:
         self.clock = [0.0] * p
         self.busy = [0.0] * p
         self.exposed = [0.0] * p
+        self.transfer_end = [0.0] * p  # the latest end of a transfer each stage takes part in
         self.outgoing: list[list[TransferKey]] = [[] for _ in range(p)]
         self.spans: list[Span] = []
         self.heap = [(0.0, s) for s in range(p)]
@@ -167,6 +173,9 @@ class _Replay:
         start = max(*transfer.posted, self.link_free.get(link, 0.0))
         transfer.end = start + self.duration(key)
         self.link_free[link] = transfer.end
+        for end in (src, dst):
+            if transfer.end > self.transfer_end[end]:
+                self.transfer_end[end] = transfer.end
         if self.record:
             self.spans.append(Span(src, f"{family} {mb}", start, transfer.end, "transfer", dst))
         for stage in transfer.waiters:
@@ -234,8 +243,7 @@ class _Replay:
 
     def finish_time(self, stage: int) -> float:
         """When the stage's compute and every transfer it takes part in are done."""
-        ends = [t.end or 0.0 for (_, _, src, dst), t in self.transfers.items() if stage in (src, dst)]
-        return max([self.clock[stage], *ends])
+        return max(self.clock[stage], self.transfer_end[stage])
 
 
 def simulate(schedule: Schedule, costs: list[StageCosts], *, record: bool = False) -> SimResult:
@@ -245,8 +253,9 @@ def simulate(schedule: Schedule, costs: list[StageCosts], *, record: bool = Fals
     replay = _Replay(schedule, costs, record)
     replay.run()
     p = schedule.num_stages
-    ends = [replay.finish_time(s) + costs[s].tail for s in range(p)]
-    makespan = max(replay.finish_time(s) for s in range(p))
+    finish = [replay.finish_time(s) for s in range(p)]
+    ends = [finish[s] + costs[s].tail for s in range(p)]
+    makespan = max(finish)
     step_time = max(ends)
     peaks = []
     for s in range(p):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Kind(enum.Enum):
@@ -38,34 +39,35 @@ class Kind(enum.Enum):
     STASH = "ST"
     RESTORE = "RS"
 
-    @property
-    def is_compute(self) -> bool:
-        return self._compute  # type: ignore[attr-defined, no-any-return]
+    # Members are singletons: identity hashing (in C) instead of Enum's hash of the name, as
+    # actions are hashed millions of times by the validator and the encoders.
+    __hash__ = object.__hash__
 
-    @property
-    def allocates(self) -> bool:
-        """Actions before which outgoing bulk transfers (EV, RS) are waited on and freed."""
-        return self._allocates  # type: ignore[attr-defined, no-any-return]
+    # Set below for every member: plain attributes, as they are asked once per action in every
+    # pass over a program.
+    is_compute: bool  # F, B
+    allocates: bool  # F, LD, ST: outgoing bulk transfers (EV, RS) are waited on and freed before it
 
 
-for _kind in Kind:  # plain attributes: these are asked once per action in every pass over a program
-    _kind._compute = _kind in (Kind.F, Kind.B)  # type: ignore[attr-defined]
-    _kind._allocates = _kind in (Kind.F, Kind.LOAD, Kind.STASH)  # type: ignore[attr-defined]
+for _kind in Kind:
+    _kind.is_compute = _kind in (Kind.F, Kind.B)
+    _kind.allocates = _kind in (Kind.F, Kind.LOAD, Kind.STASH)
 
 
 _BY_TOKEN = {k.value: k for k in Kind}
+_TOKEN_OF = {k: k.value for k in Kind}
 _TOKEN = re.compile(r"^(SF|RF|SB|RB|EV|LD|ST|RS|F|B)(\d+)$")
 
 
-@dataclass(frozen=True, order=True)
-class Action:
-    """One step of a stage's program: `kind` applied to micro-batch `mb`."""
+class Action(NamedTuple):
+    """One step of a stage's program: `kind` applied to micro-batch `mb` (a tuple: hashed and
+    compared in C)."""
 
     kind: Kind
     mb: int
 
     def __str__(self) -> str:
-        return f"{self.kind.value}{self.mb}"
+        return _TOKEN_OF[self.kind] + str(self.mb)
 
     @classmethod
     def parse(cls, token: str) -> Action:
