@@ -10,12 +10,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from autotune.config import MODEL_FIELDS, SCHEDULES, TrialConfig, check_bpipe_cap, load_model, parse_bytes
-from autotune.errors import ConfigError
+from autotune.config import (
+    DEVICES,
+    MODEL_FIELDS,
+    SCHEDULES,
+    TrialConfig,
+    check_schedule,
+    flag,
+    load_model,
+    parse_bytes,
+)
+from autotune.errors import ConfigError, raise_on_sigterm, sigterm_received
+from autotune.limits import MAX_CPU_RANKS_PER_CORE, MAX_PROFILE_SIZES, MAX_SECONDS, check_bound
+from autotune.redact import mask_secrets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +62,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bpipe-cap",
         type=int,
-        default=0,
+        default=None,
         help="BPipe's per-stage limit in micro-batches (default ceil((pp+1)/2))",
     )
     p.add_argument("--recompute", default="none", help="none, selective or full")
@@ -81,11 +94,20 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         flash_attention=args.flash_attention,
         device=args.device or "cpu",
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
-        bpipe_cap=args.bpipe_cap,
+        bpipe_cap=_bpipe_cap(args),
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")
     return cfg
+
+
+def _bpipe_cap(args: argparse.Namespace) -> int:
+    """--bpipe-cap as TrialConfig takes it (0: the default); given, it must be positive."""
+    if args.bpipe_cap is None:
+        return 0
+    if args.bpipe_cap < 1:
+        raise ConfigError("--bpipe-cap", f"must be a positive integer, got {args.bpipe_cap}")
+    return int(args.bpipe_cap)
 
 
 def _default_device() -> str:
@@ -94,23 +116,45 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cmd_trial(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.steps < 1:
-        raise ConfigError("--steps", f"must be a positive integer, got {args.steps}")
-    if args.timeout <= 0:
-        raise ConfigError("--timeout", f"must be positive seconds, got {args.timeout}")
-    if cfg.device == "cuda":
+Work = Callable[[], int]
+
+
+def _check_device(device: str, world_size: int, layout: str = "--tp", flag_name: str = "--device") -> None:
+    """The device exists here, with room for `world_size` ranks (a local run's processes);
+    `layout` is the flag to name when there is not."""
+    if device not in DEVICES:
+        raise ConfigError(flag_name, f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("--device", "cuda was asked for but no GPU is visible")
-        if cfg.world_size > torch.cuda.device_count():
+            raise ConfigError(flag_name, "cuda was asked for but no GPU is visible")
+        if world_size > torch.cuda.device_count():
             raise ConfigError(
-                "--tp",
-                f"tp x pp x dp = {cfg.world_size} ranks but only "
-                f"{torch.cuda.device_count()} GPUs are visible",
+                layout,
+                f"tp x pp x dp = {world_size} ranks but only {torch.cuda.device_count()} GPUs are visible",
             )
+        return
+    most = MAX_CPU_RANKS_PER_CORE * (os.cpu_count() or 1)
+    if world_size > most:
+        raise ConfigError(
+            layout,
+            f"tp x pp x dp = {world_size} ranks, each a process on this machine: at most "
+            f"{MAX_CPU_RANKS_PER_CORE} per core ({most} on {os.cpu_count() or 1} cores)",
+        )
+
+
+def _check_trial(args: argparse.Namespace) -> Work:
+    if args.steps < 1:
+        raise ConfigError("--steps", f"must be a positive integer, got {args.steps}")
+    check_bound("steps", args.steps, "--steps")
+    if not math.isfinite(args.timeout) or args.timeout <= 0 or args.timeout > MAX_SECONDS:
+        raise ConfigError(
+            "--timeout", f"must be positive seconds, at most {MAX_SECONDS:,}, got {args.timeout}"
+        )
+    cfg = config_from_args(args)
+    layout = "--dp" if cfg.dp > 1 else "--pp" if cfg.pp > 1 else "--tp"
+    _check_device(cfg.device, cfg.world_size, layout)
     if args.data is not None:
         from trial_runners.data import check_token_file
 
@@ -118,88 +162,108 @@ def _cmd_trial(args: argparse.Namespace) -> int:
             check_token_file(args.data, cfg.model)
         except ValueError as exc:
             raise ConfigError("--data", str(exc)) from None
-    from trial_runners.trial import run_trial
 
-    result = run_trial(cfg, steps=args.steps, seed=args.seed, timeout=args.timeout, data_path=args.data)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_trial(result))
-    return 0
+    def work() -> int:
+        from trial_runners.trial import run_trial
+
+        result = run_trial(cfg, steps=args.steps, seed=args.seed, timeout=args.timeout, data_path=args.data)
+        print(json.dumps(result) if args.json else format_trial(result))
+        return 0
+
+    return work
 
 
-def _cmd_schedule(args: argparse.Namespace) -> int:
-    from autotune.schedules import generate, grid, to_text, validate
-
-    if args.schedule not in SCHEDULES:
-        raise ConfigError("--schedule", f"must be one of {', '.join(SCHEDULES)}, got {args.schedule!r}")
+def _check_schedule(args: argparse.Namespace) -> Work:
     for name in ("pp", "num_microbatches"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}", "must be a positive integer")
-    if args.schedule != "gpipe" and args.num_microbatches < args.pp:
-        raise ConfigError(
-            "--num-microbatches",
-            f"{args.schedule} needs at least as many micro-batches as "
-            f"stages ({args.num_microbatches} < --pp {args.pp})",
-        )
-    if args.bpipe_cap < 0:
-        raise ConfigError("--bpipe-cap", f"must be a positive integer, got {args.bpipe_cap}")
-    if args.schedule == "bpipe":
-        check_bpipe_cap(args.bpipe_cap, args.pp)
-    elif args.bpipe_cap:
-        raise ConfigError("--bpipe-cap", f"only applies to --schedule bpipe, not {args.schedule}")
-    schedule = generate(args.schedule, args.pp, args.num_microbatches, cap=args.bpipe_cap or None)
-    peaks = validate(schedule)
-    print(to_text(schedule) if args.text else grid(schedule.programs))
-    if not args.text:
-        print("peak resident micro-batches per stage: " + ", ".join(f"{s}: {n}" for s, n in peaks.items()))
-    return 0
+        value = getattr(args, name)
+        if value < 1:
+            raise ConfigError(flag(name), f"must be a positive integer, got {value}")
+        check_bound(name, value, flag(name))
+    cap = _bpipe_cap(args)
+    check_schedule(args.schedule, args.pp, args.num_microbatches, cap)
+
+    def work() -> int:
+        from autotune.schedules import generate, grid, to_text, validate
+
+        schedule = generate(args.schedule, args.pp, args.num_microbatches, cap=cap or None)
+        peaks = validate(schedule)
+        print(to_text(schedule) if args.text else grid(schedule.programs))
+        if not args.text:
+            print(
+                "peak resident micro-batches per stage: " + ", ".join(f"{s}: {n}" for s, n in peaks.items())
+            )
+        return 0
+
+    return work
 
 
-def _cmd_estimate(args: argparse.Namespace) -> int:
+def _check_estimate(args: argparse.Namespace) -> Work:
     from autotune.estimate.clusters import load_cluster
-    from autotune.estimate.estimator import estimate
     from autotune.estimate.profiles import load_profile
 
     cfg = config_from_args(args, default_device="cpu")
-    profile = load_profile(args.profile, model=cfg.model, device=cfg.device) if args.profile else None
-    cluster = load_cluster(args.cluster, comm=profile.comm if profile else None)
     if args.method not in ("ours", "paper"):
         raise ConfigError("--method", f"must be ours or paper, got {args.method!r}")
-    result = estimate(cfg, cluster, profile=profile)
-    if args.method == "paper":
-        from autotune.estimate.paper import paper_estimate
+    profile = load_profile(args.profile, model=cfg.model, device=cfg.device) if args.profile else None
+    cluster = load_cluster(args.cluster, comm=profile.comm if profile else None)
 
-        result["paper"] = paper_estimate(cfg, cluster, profile=profile, estimated=result)
-    print(json.dumps(result) if args.json else format_estimate(result))
-    return 0
+    def work() -> int:
+        from autotune.estimate.estimator import estimate
+
+        result = estimate(cfg, cluster, profile=profile)
+        if args.method == "paper":
+            from autotune.estimate.paper import paper_estimate
+
+            result["paper"] = paper_estimate(cfg, cluster, profile=profile, estimated=result)
+        print(json.dumps(result) if args.json else format_estimate(result))
+        return 0
+
+    return work
 
 
-def _cmd_profile(args: argparse.Namespace) -> int:
-    shape = {k: getattr(args, k) for k in _SHAPE}
-    model = load_model(args.model, **shape)
+def _micro_batch_sizes(text: str) -> list[int]:
+    flag_name = "--micro-batch-sizes"
     try:
-        sizes = [int(x) for x in args.micro_batch_sizes.split(",") if x.strip()]
+        sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise ConfigError(
-            "--micro-batch-sizes", f"expected positive integers such as 1,2,4, got {args.micro_batch_sizes!r}"
-        )
+        raise ConfigError(flag_name, f"expected positive integers such as 1,2,4, got {text!r}")
+    if len(sizes) > MAX_PROFILE_SIZES:
+        raise ConfigError(flag_name, f"at most {MAX_PROFILE_SIZES} sizes, got {len(sizes)}")
+    for size in sizes:
+        check_bound("micro_batch_size", size, flag_name)
+    return sorted(set(sizes))
+
+
+def _check_profile(args: argparse.Namespace) -> Work:
+    from autotune.files import check_output
+
+    shape = {k: getattr(args, k) for k in _SHAPE}
+    model = load_model(args.model, **shape)
+    sizes = _micro_batch_sizes(args.micro_batch_sizes)
+    out = check_output(args.out, "--out")
     device = args.device or _default_device()
-    from autotune.estimate.profiles import save_profile
-    from trial_runners.profile import run_profile
+    _check_device(device, 1)
 
-    def progress(line: str) -> None:
-        print(f"  {line}", file=sys.stderr, flush=True)
+    def work() -> int:
+        from autotune.estimate.profiles import save_profile
+        from trial_runners.profile import run_profile
 
-    print(f"profiling {model.name} on {device} at micro-batch sizes {sizes}", file=sys.stderr)
-    profile = run_profile(model, micro_batch_sizes=sizes, device=device, progress=progress)
-    path = save_profile(profile, args.out)
-    print(
-        json.dumps({"out": str(path), "entries": len(profile["entries"])}) if args.json else f"wrote {path}"
-    )
-    return 0
+        def progress(line: str) -> None:
+            print(f"  {line}", file=sys.stderr, flush=True)
+
+        print(f"profiling {model.name} on {device} at micro-batch sizes {sizes}", file=sys.stderr)
+        profile = run_profile(model, micro_batch_sizes=sizes, device=device, progress=progress)
+        path = save_profile(profile, out)
+        print(
+            json.dumps({"out": str(path), "entries": len(profile["entries"])})
+            if args.json
+            else f"wrote {path}"
+        )
+        return 0
+
+    return work
 
 
 def format_estimate(result: dict[str, Any]) -> str:
@@ -270,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--seed", type=int, default=0)
     trial.add_argument("--timeout", type=float, default=600.0, help="seconds before the trial is killed")
     trial.add_argument("--data", default=None, help="a uint16 token file (nanoGPT style); default synthetic")
-    trial.set_defaults(func=_cmd_trial)
+    trial.set_defaults(check=_check_trial)
     est = sub.add_parser("estimate", help="predict a configuration's step time and memory without running it")
     _add_config_flags(est)
     est.add_argument(
@@ -282,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--method", default="ours", help="ours, or paper: also the seed paper's MFU-based estimate"
     )
-    est.set_defaults(func=_cmd_estimate)
+    est.set_defaults(check=_check_estimate)
     prof = sub.add_parser("profile", help="measure layer, embedding and head costs on this device")
     prof.add_argument("--model", required=True)
     for name in _SHAPE:
@@ -291,30 +355,45 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--micro-batch-sizes", default="1,2,4")
     prof.add_argument("--out", required=True, help="where to write the profile (JSON)")
     prof.add_argument("--json", action="store_true")
-    prof.set_defaults(func=_cmd_profile)
+    prof.set_defaults(check=_check_profile)
     sched = sub.add_parser("schedule", help="print a schedule's per-stage programs as a grid")
     sched.add_argument("--schedule", default="1f1b")
     sched.add_argument("--pp", type=int, default=4)
     sched.add_argument("--num-microbatches", type=int, default=8)
-    sched.add_argument("--bpipe-cap", type=int, default=0)
+    sched.add_argument("--bpipe-cap", type=int, default=None)
     sched.add_argument(
         "--text", action="store_true", help="the round-trippable text form instead of the grid"
     )
-    sched.set_defaults(func=_cmd_schedule)
+    sched.set_defaults(check=_check_schedule)
     from autotune.cli_campaign import add_parsers
 
     add_parsers(sub, _Parser)
     return parser
 
 
+def validate(argv: Sequence[str]) -> Work:
+    """Parse `argv` and check it as `main` does, without doing the work: the command's work, or
+    ConfigError (SystemExit(2) from argparse for malformed flags). For tests and tools."""
+    args = build_parser().parse_args(argv)
+    work: Work = args.check(args)
+    return work
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `autotune` command: parse, check (bad input: one line, exit 2), then work. Ctrl-C and
+    SIGTERM stop it cleanly (what it started is stopped, `finally` blocks run): exit 130 / 143."""
+    raise_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        work: Work = args.check(args)
+        return int(work())
     except ConfigError as exc:
-        print(f"autotune: error: {exc}", file=sys.stderr)
+        print(mask_secrets(f"autotune: error: {exc}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated, or re-raised as KeyboardInterrupt)
+        if sigterm_received():
+            print("autotune: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("autotune: interrupted", file=sys.stderr)
         return 130
 

@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autotune.errors import ConfigError
+from autotune.files import load_yaml, read_yaml
+from autotune.limits import BOUNDS, MAX_BYTES, check_bound, check_cells
 
 FAMILIES = ("gpt", "llama")
 SCHEDULES = ("1f1b", "gpipe", "bpipe")
@@ -70,6 +70,7 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+            check_bound(name, value, flag(name))
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 "--num-heads",
@@ -117,23 +118,17 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(where, f"is not valid YAML ({str(exc).splitlines()[0]})") from None
+def _mapping(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ConfigError(where, "must be a YAML mapping of model fields")
+        raise ConfigError("--model", f"{where} must be a YAML mapping of model fields")
     return data
 
 
 def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
     """A model from a preset name or a YAML file, with shape overrides (None = keep)."""
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise ConfigError("--model", f"no such file {name_or_path!r}")
-        data = _read_yaml(path.read_text(), "--model")
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        data = _mapping(read_yaml(path, "--model", what="model YAML"), repr(name_or_path))
         name = data.pop("name", path.stem)
     else:
         if name_or_path not in preset_names():
@@ -141,10 +136,10 @@ def load_model(name_or_path: str, **overrides: int | None) -> ModelSpec:
                 "--model", f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}"
             )
         text = resources.files("search_spaces").joinpath("models", f"{name_or_path}.yaml").read_text()
-        data = _read_yaml(text, "--model")
+        data = _mapping(load_yaml(text, "--model", source=name_or_path), name_or_path)
         name = name_or_path
     allowed = {"family", *MODEL_FIELDS}
-    unknown = sorted(set(data) - allowed)
+    unknown = [k for k in data if k not in allowed]
     if unknown:
         raise ConfigError(
             "--model", f"unknown key {unknown[0]!r} in model YAML; allowed: {', '.join(sorted(allowed))}"
@@ -189,9 +184,14 @@ def parse_bytes(text: str | int, field_name: str = "--memory-limit") -> int:
         if not match:
             raise ConfigError(field_name, f"expected a size such as 2GiB or 500000000, got {text!r}")
         unit = (match.group(2) or "").lower().rstrip("b")
-        value = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(number) or number > MAX_BYTES:
+            raise ConfigError(field_name, f"at most {MAX_BYTES:,} bytes (1 PiB), got {text!r}")
+        value = int(number)
     if value <= 0:
         raise ConfigError(field_name, f"must be positive, got {text!r}")
+    if value > MAX_BYTES:
+        raise ConfigError(field_name, f"at most {MAX_BYTES:,} bytes (1 PiB), got {text!r}")
     return value
 
 
@@ -203,6 +203,32 @@ def check_bpipe_cap(cap: int, pp: int) -> None:
             "--bpipe-cap",
             f"must be at least ceil((pp+1)/2) = {least} for --pp {pp}: stages x and pp-1-x hold "
             f"pp+1 = {pp + 1} micro-batches together under 1F1B, got {cap}",
+        )
+
+
+def check_schedule(schedule: str, pp: int, num_microbatches: int, bpipe_cap: int = 0) -> None:
+    """The rules of a schedule for pp stages and m micro-batches (cap 0: the default), for every
+    command and the search spaces alike: a known name, m >= pp where the schedule needs it, a
+    grid small enough to simulate, BPipe only where it can evict (pp >= 3) and a cap only for it.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError("--schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if schedule in ("1f1b", "bpipe") and num_microbatches < pp:
+        raise ConfigError(
+            "--num-microbatches",
+            f"{schedule} needs at least as many micro-batches as stages ({num_microbatches} < --pp {pp})",
+        )
+    check_cells(pp, num_microbatches)
+    if schedule != "bpipe":
+        if bpipe_cap:
+            raise ConfigError("--bpipe-cap", f"only applies to --schedule bpipe, not {schedule}")
+        return
+    check_bpipe_cap(bpipe_cap, pp)
+    cap = bpipe_cap or math.ceil((pp + 1) / 2)
+    if cap >= pp:
+        why = f"its cap of {cap} micro-batches per stage is what 1F1B's stage 0 holds anyway ({pp})"
+        raise ConfigError(
+            "--schedule", f"bpipe at --pp {pp} never evicts: {why}; use 1f1b (bpipe needs --pp >= 3)"
         )
 
 
@@ -234,10 +260,15 @@ class TrialConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+            check_bound(name, value, flag(name))
         for name in ("num_microbatches", "global_batch_size", "bpipe_cap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
+            if name in BOUNDS:
+                check_bound(name, value, flag(name))
+        world = self.tp * self.pp * self.dp
+        check_bound("world_size", world, "--dp" if self.dp > 1 else "--tp" if self.tp > 1 else "--pp")
         self._check_choice("schedule", SCHEDULES)
         self._check_choice("recompute", RECOMPUTE)
         self._check_choice("device", DEVICES)
@@ -267,6 +298,8 @@ class TrialConfig:
                 )
             num = glob // per_micro
         num = num or self.pp
+        check_bound("num_microbatches", num, "--global-batch-size" if glob else "--num-microbatches")
+        check_bound("global_batch_size", num * per_micro, "--global-batch-size")
         object.__setattr__(self, "num_microbatches", num)
         object.__setattr__(self, "global_batch_size", num * per_micro)
 
@@ -292,20 +325,14 @@ class TrialConfig:
                 f"must divide --ffn-hidden-size ({m.ffn_hidden_size} % {self.tp} = "
                 f"{m.ffn_hidden_size % self.tp})",
             )
-        if self.schedule in ("1f1b", "bpipe") and self.num_microbatches < p:
-            raise ConfigError(
-                "--num-microbatches",
-                f"{self.schedule} needs at least as many micro-batches as stages "
-                f"({self.num_microbatches} < --pp {p})",
-            )
+        check_schedule(self.schedule, p, self.num_microbatches, self.bpipe_cap)
         limit = self.memory_limit
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
             raise ConfigError("--memory-limit", f"must be a positive number of bytes, got {limit!r}")
+        if limit is not None and limit > MAX_BYTES:
+            raise ConfigError("--memory-limit", f"at most {MAX_BYTES:,} bytes (1 PiB), got {limit:,}")
         if self.schedule == "bpipe":
-            check_bpipe_cap(self.bpipe_cap, p)
             object.__setattr__(self, "bpipe_cap", self.bpipe_cap or math.ceil((p + 1) / 2))
-        else:
-            object.__setattr__(self, "bpipe_cap", 0)  # only BPipe has a cap
 
     @property
     def world_size(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 import torch
@@ -49,6 +50,12 @@ def check_token_file(path: str, spec: ModelSpec) -> np.memmap:
         stat = os.stat(path)
     except OSError as exc:
         raise ValueError(f"cannot read token file {path!r}: {exc.strerror}") from None
+    if S_ISDIR(stat.st_mode):
+        raise ValueError(f"{path!r} is a directory, not a token file")
+    if not S_ISREG(stat.st_mode):
+        raise ValueError(f"{path!r} is not a regular file (a device, pipe or socket), not a token file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read token file {path!r}: permission denied")
     data = _token_file(os.fspath(path), stat.st_size, stat.st_mtime_ns, spec.vocab_size)
     if len(data) < spec.seq_len + 1:
         raise ValueError(

@@ -29,10 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autotune.config import parse_bytes
-from autotune.errors import ConfigError
+from autotune.errors import ConfigError, key_name
+from autotune.files import load_yaml, read_yaml
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 NODE_COUNTS = range(1, 17)
@@ -152,11 +151,7 @@ def link_between(cluster: ClusterSpec, a: int, b: int) -> tuple[float, float]:
 # -- presets and YAML ---------------------------------------------------------------------------
 
 
-def _read_yaml(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("--cluster", f"{where} is not valid YAML ({str(exc).splitlines()[0]})") from None
+def _mapping(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("--cluster", f"{where} must be a YAML mapping of cluster fields")
     return data
@@ -165,7 +160,7 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
 def device_table() -> dict[str, dict[str, Any]]:
     """The device rows of `search_spaces/clusters/devices.yaml`, by key (`a100-80g`, ...)."""
     text = resources.files("search_spaces").joinpath("clusters", "devices.yaml").read_text()
-    table = _read_yaml(text, "devices.yaml")
+    table = _mapping(load_yaml(text, "--cluster", source="devices.yaml"), "devices.yaml")
     return {str(k): dict(v) for k, v in table.items()}
 
 
@@ -187,9 +182,9 @@ def _number(key: str, value: Any) -> float:
 
 
 def _from_fields(data: dict[str, Any], where: str) -> ClusterSpec:
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = [k for k in data if k not in _FIELDS]
     if unknown:
-        raise ConfigError(unknown[0], f"unknown key in {where}; allowed: {', '.join(_FIELDS)}")
+        raise ConfigError(key_name(unknown[0]), f"unknown key in {where}; allowed: {', '.join(_FIELDS)}")
     missing = [k for k in _FIELDS if k not in data and k not in _OPTIONAL]
     if missing:
         raise ConfigError(missing[0], f"missing from {where}")
@@ -278,10 +273,8 @@ def load_cluster(name_or_path: str, *, comm: Any = None) -> ClusterSpec:
     sets cpu-local's links; the GPU presets and YAML files carry their own link figures and ignore it.
     """
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise ConfigError("--cluster", f"no such file {name_or_path!r}")
-        data = _read_yaml(path.read_text(), name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        data = _mapping(read_yaml(path, "--cluster", what="cluster YAML"), repr(name_or_path))
         data.setdefault("name", path.stem)
         device = data.get("device")
         table = device_table()

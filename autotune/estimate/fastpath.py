@@ -142,19 +142,15 @@ def _stage_ops(schedule: Schedule, s: int, slots: _Slots) -> list[StageOp]:
     outgoing: list[TransferKey] = []
     own_posts: set[TransferKey] = set()
     ops: list[StageOp] = []
-    append, known = ops.append, slots.index
-
-    def slot_of(key: TransferKey) -> int:
-        found = known.get(key)
-        return slots(key) if found is None else found
-
+    append, get = ops.append, slots.index.get
     none: tuple[int, ...] = ()
     for action, release in zip(program, release_points(program, schedule.cap), strict=True):
         kind = action.kind
         waits = needed_transfers(schedule, s, action, outgoing if release else [], own_posts)
         if release:
             outgoing = []
-        waited = tuple([slot_of(w) for w in waits]) if waits else none
+        # each slot: known already (the other end met it), else numbered now
+        waited = tuple([slots(w) if (i := get(w)) is None else i for w in waits]) if waits else none
         if kind is Kind.F:
             append((FWD, waited, -1))
             continue
@@ -165,7 +161,7 @@ def _stage_ops(schedule: Schedule, s: int, slots: _Slots) -> list[StageOp]:
         own_posts.add(key)
         if kind is Kind.EVICT or kind is Kind.RESTORE:
             outgoing.append(key)
-        append((POST, waited, slot_of(key)))
+        append((POST, waited, slots(key) if (i := get(key)) is None else i))
     return ops
 
 

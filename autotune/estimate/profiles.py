@@ -48,6 +48,7 @@ from typing import Any
 
 from autotune.config import DEVICES, RECOMPUTE, ModelSpec
 from autotune.errors import ConfigError
+from autotune.files import MAX_PROFILE_BYTES, read_text
 
 FORMAT = "autotune-profile"
 VERSION = 1
@@ -434,19 +435,13 @@ def load_profile(
     path: str | os.PathLike[str], *, model: ModelSpec | None = None, device: str | None = None
 ) -> Profile:
     """Read and check a profile file; with `model` / `device`, also check it matches them."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _bad(f"no such file {str(path)!r}") from None
-    except IsADirectoryError:
-        raise _bad(f"{str(path)!r} is a directory, not a profile file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _bad(f"cannot read {str(path)!r}: {exc}") from None
+    text = read_text(path, _FLAG, what="profile JSON", max_bytes=MAX_PROFILE_BYTES)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _bad(f"{str(path)!r} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise _bad(f"{str(path)!r} is nested too deeply to be a profile") from None
     profile = parse_profile(data)
     check_compatible(profile, model=model, device=device)
     return profile

@@ -39,28 +39,34 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
     the next stage's backward. Used to line up actions across stages (BPipe's acceptor side).
     """
     p = len(orders)
-    ends: list[list[float | None]] = [[None] * len(o) for o in orders]
+    ends: list[list[float]] = [[0.0] * len(o) for o in orders]
     done: dict[tuple[int, Kind, int], float] = {}
     cursor = [0] * p
     progressed = True
     while progressed:
         progressed = False
         for s in range(p):
-            while cursor[s] < len(orders[s]):
-                action = orders[s][cursor[s]]
-                dep = (s - 1, Kind.F, action.mb) if action.kind is Kind.F else (s + 1, Kind.B, action.mb)
-                if 0 <= dep[0] < p and dep not in done:
-                    break
-                previous = ends[s][cursor[s] - 1] if cursor[s] else None
-                start = max(done.get(dep, 0.0), previous or 0.0)
-                end = start + (fwd if action.kind is Kind.F else bwd)
-                ends[s][cursor[s]] = end
-                done[(s, action.kind, action.mb)] = end
-                cursor[s] += 1
+            order, row, i = orders[s], ends[s], cursor[s]
+            n = len(order)
+            while i < n:
+                kind, mb = order[i]
+                dep = (s - 1, Kind.F, mb) if kind is Kind.F else (s + 1, Kind.B, mb)
+                ready = done.get(dep)
+                if ready is None:
+                    if 0 <= dep[0] < p:
+                        break
+                    ready = 0.0
+                previous = row[i - 1] if i else 0.0
+                end = (ready if ready > previous else previous) + (fwd if kind is Kind.F else bwd)
+                row[i] = end
+                done[(s, kind, mb)] = end
+                i += 1
+            if i > cursor[s]:
+                cursor[s] = i
                 progressed = True
     if any(c < len(o) for c, o in zip(cursor, orders, strict=True)):
         raise ValueError("compute orders deadlock: a stage waits for a micro-batch never produced")
-    return [[e for e in row if e is not None] for row in ends]
+    return ends
 
 
 def plan_evictions(order: Program, cap: int, *, hoist: bool = True) -> Program:
@@ -210,13 +216,16 @@ def insert_communication(programs: list[Program]) -> list[Program]:
                 where -= 1
             recv_before.setdefault(where, []).append(Action(kind, action.mb))
         result: Program = []
+        append, first, last = result.append, s == 0, s == p - 1
         for i, action in enumerate(program):
-            result += recv_before.get(i, [])
-            result.append(action)
-            if action.kind is Kind.F and s < p - 1:
-                result.append(Action(Kind.SEND_F, action.mb))
-            elif action.kind is Kind.B and s > 0:
-                result.append(Action(Kind.SEND_B, action.mb))
+            if i in recv_before:
+                result += recv_before[i]
+            append(action)
+            kind = action.kind
+            if kind is Kind.F and not last:
+                append(Action(Kind.SEND_F, action.mb))
+            elif kind is Kind.B and not first:
+                append(Action(Kind.SEND_B, action.mb))
         out.append(result)
     return out
 

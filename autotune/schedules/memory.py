@@ -21,22 +21,28 @@ from collections.abc import Sequence
 from autotune.schedules.ir import Action, Kind
 
 
-def release_points(program: Sequence[Action], cap: int | None) -> list[bool]:
+def release_points(program: Sequence[Action], cap: int | None) -> tuple[bool, ...]:
     """For each action: wait for and free the stage's outgoing EV/RS transfers before it?"""
+    return _release_points(tuple(program), cap)
+
+
+@functools.lru_cache(maxsize=256)  # the validator, simulator, encoder and executor all ask
+def _release_points(program: tuple[Action, ...], cap: int | None) -> tuple[bool, ...]:
     held, pending = 0, 0
     points = []
     for action in program:
-        release = action.kind.allocates and pending > 0 and (cap is None or held + 1 > cap)
+        kind = action.kind
+        release = kind.allocates and pending > 0 and (cap is None or held + 1 > cap)
         if release:
             held, pending = held - pending, 0
         points.append(release)
-        if action.kind in (Kind.F, Kind.LOAD, Kind.STASH):
+        if kind.allocates:
             held += 1
-        elif action.kind is Kind.B:
+        elif kind is Kind.B:
             held -= 1
-        elif action.kind in (Kind.EVICT, Kind.RESTORE):
+        elif kind is Kind.EVICT or kind is Kind.RESTORE:
             pending += 1
-    return points
+    return tuple(points)
 
 
 def resident_trace(

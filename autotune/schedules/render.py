@@ -22,21 +22,21 @@ def grid(
 
     With `window`, only the rows within `window` steps of the mark are shown.
     """
-    programs = [list(p) for p in programs]
-    rows = max((len(p) for p in programs), default=0)
+    tokens = [[str(a) for a in p] for p in programs]
+    rows = max((len(p) for p in tokens), default=0)
     lo, hi = 0, rows
     if mark is not None and window is not None:
         lo, hi = max(0, mark[1] - window), min(rows, mark[1] + window + 1)
-    width = max([len(f"stage {len(programs) - 1}")] + [len(str(a)) + 2 for p in programs for a in p])
-    header = "step  " + "".join(f"{'stage ' + str(s):<{width + 2}}" for s in range(len(programs)))
+    width = max([len(f"stage {len(tokens) - 1}")] + [len(t) + 2 for p in tokens for t in p]) + 2
+    header = "step  " + "".join(f"{'stage ' + str(s):<{width}}" for s in range(len(tokens)))
     lines = [header.rstrip()]
     for step in range(lo, hi):
         cells = []
-        for s, program in enumerate(programs):
-            text = str(program[step]) if step < len(program) else ""
+        for s, program in enumerate(tokens):
+            text = program[step] if step < len(program) else ""
             if mark == (s, step):
                 text = f"[{text}]"
-            cells.append(f"{text:<{width + 2}}")
+            cells.append(text.ljust(width))
         line = f"{step:<6}" + "".join(cells)
         if mark is not None and mark[1] == step:
             line = line.rstrip() + f"   <-- ERROR HERE (stage {mark[0]})"

@@ -88,37 +88,42 @@ def _peer(schedule: Schedule, stage: int, how: int | str) -> int | None:
 
 def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action]]) -> None:
     program = schedule.program(stage)
-    m = schedule.num_microbatches
+    m, last_stage = schedule.num_microbatches, schedule.num_stages - 1
     seen: set[Action] = set()
     away: set[int] = set()
-    for step, action in enumerate(program):
-
-        def fail(rule: str, step: int = step, action: Action = action) -> ScheduleError:
-            return ScheduleError(f"stage {stage}, step {step} ({action}): {rule}", schedule, stage, step)
-
-        k = action.mb
-        if not 0 <= k < m:
-            raise fail(f"micro-batch {k} is out of range 0..{m - 1}")
-        if action in seen and action.kind in _ONCE:
-            raise fail(f"{action} appears twice")
-        if action.kind in _NEEDS_BEFORE:
-            kind, rule = _NEEDS_BEFORE[action.kind]
-            if Action(kind, k) not in seen:
-                raise fail(rule)
-        if action.kind is Kind.F and stage > 0 and Action(Kind.RECV_F, k) not in seen:
-            raise fail(f"forward without a posted receive RF{k} for its input")
-        if action.kind is Kind.B and stage < schedule.num_stages - 1 and Action(Kind.RECV_B, k) not in seen:
-            raise fail(f"backward without a posted receive RB{k} for its output gradient")
-        if action.kind is Kind.B and k in away:
-            raise fail(f"backward of micro-batch {k} while its activations are evicted (no LD{k})")
-        if action.kind is Kind.EVICT:
-            away.add(k)
-        elif action.kind is Kind.LOAD:
-            away.discard(k)
-        if action.kind in _PAIRS and action not in seen:
-            _check_match(schedule, stage, step, action, counts)
-        seen.add(action)
+    problem: str | None = None
+    step = 0
     mine = counts[stage]
+    # per paired kind: the peer's counts and the kind it must hold (None: no peer, an error)
+    peers: dict[Kind, tuple[Counter[Action], Kind] | None] = {}
+    for paired, (other, how) in _PAIRS.items():
+        at = _peer(schedule, stage, how)
+        peers[paired] = None if at is None else (counts[at], other)
+    for step, action in enumerate(program):
+        kind, k = action
+        if not 0 <= k < m:
+            problem = f"micro-batch {k} is out of range 0..{m - 1}"
+        elif action in seen and kind in _ONCE:
+            problem = f"{action} appears twice"
+        elif kind in _NEEDS_BEFORE and (_NEEDS_BEFORE[kind][0], k) not in seen:
+            problem = _NEEDS_BEFORE[kind][1]
+        elif kind is Kind.F and stage > 0 and (Kind.RECV_F, k) not in seen:
+            problem = f"forward without a posted receive RF{k} for its input"
+        elif kind is Kind.B and stage < last_stage and (Kind.RECV_B, k) not in seen:
+            problem = f"backward without a posted receive RB{k} for its output gradient"
+        elif kind is Kind.B and k in away:
+            problem = f"backward of micro-batch {k} while its activations are evicted (no LD{k})"
+        if problem is not None:
+            raise ScheduleError(f"stage {stage}, step {step} ({action}): {problem}", schedule, stage, step)
+        if kind is Kind.EVICT:
+            away.add(k)
+        elif kind is Kind.LOAD:
+            away.discard(k)
+        if kind in peers and action not in seen:
+            theirs = peers[kind]
+            if theirs is None or theirs[0][Action(theirs[1], k)] != mine[action]:
+                _unmatched(schedule, stage, step, action, counts)
+        seen.add(action)
     for kind in (Kind.F, Kind.B):
         for k in range(m):
             if mine[Action(kind, k)] != 1:
@@ -131,9 +136,11 @@ def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action
                 )
 
 
-def _check_match(
+def _unmatched(
     schedule: Schedule, stage: int, step: int, action: Action, counts: list[Counter[Action]]
 ) -> None:
+    """Raise if the send, receive, eviction, stash, load or return `action` (first seen at `step`)
+    lacks its counterpart on the peer stage, as many times."""
     other_kind, how = _PAIRS[action.kind]
     peer = _peer(schedule, stage, how)
     if peer is None:
@@ -144,8 +151,7 @@ def _check_match(
             stage,
             step,
         )
-    mine = counts[stage][action]
-    theirs = counts[peer][Action(other_kind, action.mb)]
+    mine, theirs = counts[stage][action], counts[peer][Action(other_kind, action.mb)]
     if mine != theirs:
         raise ScheduleError(
             f"stage {stage}, step {step} ({action}): unmatched - {mine} on this stage but {theirs} "
@@ -166,39 +172,48 @@ def _replay(schedule: Schedule) -> None:
     loads = [{a.mb for a in program if a.kind is Kind.LOAD} for program in schedule.programs]
 
     def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
-        k, partner = action.mb, schedule.partner[s]
-        needs: list[tuple[int, Kind, int]] = []
-        if releases[s][pc[s]] and partner is not None:
+        """The first thing `action` waits for that has not happened (None: it can run)."""
+        kind, k = action
+        partner = schedule.partner[s]
+        if partner is not None and releases[s][pc[s]]:
             for out in pending[s]:
-                back = Kind.STASH if out.kind is Kind.EVICT else Kind.LOAD
-                needs.append((partner, back, out.mb))
-        if action.kind is Kind.F and s > 0:
-            needs.append((s - 1, Kind.SEND_F, k))
-        if action.kind is Kind.B and s < p - 1:
-            needs.append((s + 1, Kind.SEND_B, k))
-        if action.kind is Kind.B and partner is not None and k in loads[s]:
-            needs.append((partner, Kind.RESTORE, k))
-        if action.kind is Kind.EVICT and s < p - 1:
-            needs.append((s + 1, Kind.RECV_F, k))  # its activation send must complete first
-        if action.kind is Kind.RESTORE and partner is not None:
-            needs.append((partner, Kind.EVICT, k))
-        return next((n for n in needs if n not in done), None)
+                need = (partner, Kind.STASH if out.kind is Kind.EVICT else Kind.LOAD, out.mb)
+                if need not in done:
+                    return need
+        if kind is Kind.F:
+            need = (s - 1, Kind.SEND_F, k)
+            return need if s > 0 and need not in done else None
+        if kind is Kind.B:
+            if s < p - 1 and (s + 1, Kind.SEND_B, k) not in done:
+                return (s + 1, Kind.SEND_B, k)
+            if partner is not None and k in loads[s] and (partner, Kind.RESTORE, k) not in done:
+                return (partner, Kind.RESTORE, k)
+            return None
+        if kind is Kind.EVICT:  # its activation send must complete first
+            need = (s + 1, Kind.RECV_F, k)
+            return need if s < p - 1 and need not in done else None
+        if kind is Kind.RESTORE and partner is not None and (partner, Kind.EVICT, k) not in done:
+            return (partner, Kind.EVICT, k)
+        return None
 
     progressed = True
     while progressed:
         progressed = False
         for s in range(p):
-            program = schedule.program(s)
-            while pc[s] < len(program):
-                action = program[pc[s]]
+            program, release, out = schedule.program(s), releases[s], pending[s]
+            i, n = pc[s], len(program)
+            while i < n:
+                action = program[i]
                 if blocked_on(s, action) is not None:
                     break
-                if releases[s][pc[s]]:
-                    pending[s].clear()
-                if action.kind in (Kind.EVICT, Kind.RESTORE):
-                    pending[s].append(action)
-                done.add((s, action.kind, action.mb))
-                pc[s] += 1
+                if release[i]:
+                    out.clear()
+                kind = action.kind
+                if kind is Kind.EVICT or kind is Kind.RESTORE:
+                    out.append(action)
+                done.add((s, kind, action.mb))
+                i += 1
+                pc[s] = i
                 progressed = True
     stuck = [s for s in range(p) if pc[s] < len(schedule.program(s))]
     if stuck:

@@ -17,12 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from autotune import config
 from autotune.config import MODEL_FIELDS, ModelSpec, TrialConfig, load_model, parse_bytes
-from autotune.errors import ConfigError
+from autotune.errors import ConfigError, key_name
 from autotune.estimate.clusters import CPU_LOCAL, ClusterSpec, load_cluster
+from autotune.files import MAX_YAML_BYTES, load_yaml, read_text
+from autotune.limits import MAX_COUNT, MAX_SECONDS, MAX_SPACE_COMBINATIONS, check_bound, check_space_cells
 
 KNOBS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
 DEFAULT_KNOBS: dict[str, tuple[Any, ...]] = {
@@ -86,6 +86,7 @@ class SearchSpace:
                 if exc.field != "knobs.dp":
                     knobs["dp"] = self._dp(knobs)
                 rejected.append(Rejected(knobs, exc.field, exc.rule))
+        check_space_cells({(c.schedule, c.pp, c.num_microbatches) for c in valid})
         return valid, rejected
 
     def config_for(self, knobs: dict[str, Any]) -> TrialConfig:
@@ -126,11 +127,6 @@ class SearchSpace:
             recompute=knobs["recompute"], flash_attention=knobs["flash_attention"],
             device=self.device, memory_limit=self.memory_limit,
         )  # fmt: skip
-        if cfg.schedule == "bpipe" and cfg.bpipe_cap >= pp:
-            why = f"its cap ceil((pp+1)/2) = {cfg.bpipe_cap} >= the {pp} micro-batch(es) 1F1B's stage 0 holds"
-            raise ConfigError(
-                "--schedule", f"bpipe at --pp {pp} is 1f1b: {why}, so it never evicts (pp >= 3)"
-            )
         return cfg
 
 
@@ -148,13 +144,20 @@ def parse_duration(text: Any, field: str) -> float:
         seconds = float(match.group(1)) * _SECONDS[match.group(2) or ""]
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(field, f"must be a positive duration, got {text!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigError(field, f"at most {MAX_SECONDS // 86400} days, got {text!r}")
     return seconds
 
 
-def _int(value: Any, field: str, *, least: int = 1) -> int:
+def _int(value: Any, field: str, *, least: int = 1, bound: str | None = None) -> int:
+    """An integer >= `least`, at most the limits table's `bound` (else MAX_COUNT)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         what = "a positive integer" if least == 1 else f"an integer >= {least}"
         raise ConfigError(field, f"must be {what}, got {value!r}")
+    if bound is not None:
+        check_bound(bound, value, field)
+    elif value > MAX_COUNT:
+        raise ConfigError(field, f"at most {MAX_COUNT:,} (autotune's bound), got {value:,}")
     return value
 
 
@@ -163,8 +166,10 @@ def _mapping(value: Any, field: str, allowed: tuple[str, ...]) -> dict[str, Any]
         raise ConfigError(field, f"must be a mapping with keys {', '.join(allowed)}, got {value!r}")
     for key in value:
         if key not in allowed:
-            path = f"{field}.{key}" if field else str(key)
-            raise ConfigError(path, f"unknown key; allowed: {', '.join(allowed)}")
+            name = key_name(key)
+            raise ConfigError(
+                f"{field}.{name}" if field else name, f"unknown key; allowed: {', '.join(allowed)}"
+            )
     return value
 
 
@@ -173,7 +178,7 @@ def _choice(name: str, value: Any, field: str) -> Any:
     if name == "dp" and not isinstance(value, int):
         raise ConfigError(field, f"must be a positive integer, a list of them, or auto, got {value!r}")
     if name in ("tp", "pp", "dp", "micro_batch_size"):
-        return _int(value, field)
+        return _int(value, field, bound=name)
     if name == "flash_attention":
         if not isinstance(value, bool):
             raise ConfigError(field, f"must be true or false, got {value!r}")
@@ -227,7 +232,7 @@ def _model(value: Any, base: Path | None) -> ModelSpec:
         if not isinstance(data.get("name", ""), str) or not isinstance(data.get("preset", ""), str):
             raise ConfigError("model", f"name and preset must be strings, got {value!r}")
         if preset:
-            overrides = {k: _int(data[k], f"model.{k}") for k in MODEL_FIELDS if k in data}
+            overrides = {k: _int(data[k], f"model.{k}", bound=k) for k in MODEL_FIELDS if k in data}
             spec = load_model(_resolve(data["preset"], base), **overrides)
             return ModelSpec(**{**spec.to_dict(), "name": data.get("name", spec.name)})
         missing = [k for k in ("family", *MODEL_FIELDS) if k not in data and k != "num_kv_heads"]
@@ -264,7 +269,11 @@ def _section(data: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[s
         if value is None and defaults[name] is None:
             continue
         least = 0 if name == "seed_top" else 1
-        out[name] = parse_duration(value, field) if name == "timeout" else _int(value, field, least=least)
+        bound = "steps" if name == "steps" else None
+        if name == "timeout":
+            out[name] = parse_duration(value, field)
+        else:
+            out[name] = _int(value, field, least=least, bound=bound)
     return out
 
 
@@ -289,10 +298,8 @@ def _settings(data: dict[str, Any], cluster: ClusterSpec) -> dict[str, Any]:
         memory = f"{limit / 2**30:.2f} GiB > {cluster.device_memory / 2**30:.2f} GiB"
         raise ConfigError("memory_limit", f"is over a {cluster.name} device's memory ({memory})")
     world = data.get("max_world_size")
-    return dict(
-        device=device, objective=objective, memory_limit=limit,
-        max_world_size=cluster.world_size if world is None else _int(world, "max_world_size"),
-    )  # fmt: skip
+    world = cluster.world_size if world is None else _int(world, "max_world_size", bound="world_size")
+    return dict(device=device, objective=objective, memory_limit=limit, max_world_size=world)
 
 
 def space_from_dict(data: Any, where: str) -> SearchSpace:
@@ -313,10 +320,18 @@ def space_from_dict(data: Any, where: str) -> SearchSpace:
         raise ConfigError("global_batch_size", "is required: sequences per optimizer step")
     knob_data = _mapping({} if data.get("knobs") is None else data["knobs"], "knobs", KNOBS)
     knobs = {k: _choices(k, knob_data[k]) if k in knob_data else DEFAULT_KNOBS[k] for k in KNOBS}
+    combinations = math.prod(len(v) for v in knobs.values())
+    if combinations > MAX_SPACE_COMBINATIONS:
+        sizes = " x ".join(str(len(knobs[k])) for k in KNOBS)
+        raise ConfigError(
+            "knobs",
+            f"{combinations:,} combinations of the knobs' choices ({sizes}), above autotune's bound of "
+            f"{MAX_SPACE_COMBINATIONS:,}; split the space",
+        )
     trial, search = _section(data, "trial", TRIAL_DEFAULTS), _section(data, "search", SEARCH_DEFAULTS)
     fields: dict[str, Any] = dict(
         name=name, cluster=cluster_name, **_settings(data, cluster),
-        global_batch_size=_int(data["global_batch_size"], "global_batch_size"),
+        global_batch_size=_int(data["global_batch_size"], "global_batch_size", bound="global_batch_size"),
     )  # fmt: skip
     source = {
         **fields, "model": model.to_dict(), "knobs": {k: list(v) for k, v in knobs.items()},
@@ -334,31 +349,16 @@ def space_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: what PyYAML found wrong, and where."""
-    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
-        return " ".join(str(exc).split())
-    mark = exc.problem_mark
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    context = f"{exc.context}: " if exc.context else ""
-    return f"{context}{exc.problem}{where}"
-
-
 def load_space(path: str) -> SearchSpace:
     """A space from a YAML file, or the name of a shipped space (`demo-cpu`)."""
     file = Path(path)
-    if path.endswith((".yaml", ".yml")) or file.is_file():
-        if not file.is_file():
-            raise ConfigError("space", f"no such file {path!r}")
-        text, where = file.read_text(), path
+    if path.endswith((".yaml", ".yml")) or file.exists():
+        text = read_text(file, "space", what="search-space YAML", max_bytes=MAX_YAML_BYTES)
+        where = path
     elif path in space_names():
         resource = resources.files("search_spaces").joinpath(f"{path}.yaml")
         text, where = resource.read_text(), str(resource)
     else:
         shipped = ", ".join(space_names())
         raise ConfigError("space", f"unknown search space {path!r}; shipped: {shipped}; or a YAML file")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(where, f"is not valid YAML: {_yaml_problem(exc)}") from None
-    return space_from_dict(data, where)
+    return space_from_dict(load_yaml(text, where), where)

@@ -194,11 +194,23 @@ def test_global_batch_rules() -> None:
 
 def test_bpipe_cap_normalisation() -> None:
     assert trial(pp=4, schedule="bpipe", num_microbatches=8).bpipe_cap == 3
-    assert trial(pp=2, schedule="bpipe").bpipe_cap == 2
-    assert trial(pp=4, schedule="bpipe", bpipe_cap=4).bpipe_cap == 4
-    assert trial(pp=4, schedule="1f1b", bpipe_cap=3).bpipe_cap == 0
-    with raises_on("--bpipe-cap", r"at least ceil\(\(pp\+1\)/2\) = 2"):
-        trial(pp=2, schedule="bpipe", bpipe_cap=1)
+    assert trial(pp=4, schedule="1f1b").bpipe_cap == 0
+    with raises_on("--bpipe-cap", r"at least ceil\(\(pp\+1\)/2\) = 3"):
+        trial(pp=4, schedule="bpipe", bpipe_cap=2)
+
+
+def test_one_bpipe_rule_everywhere() -> None:
+    """BPipe where it cannot evict (pp <= 2, or a cap of pp) is 1F1B under another name: every
+    front end refuses it the same way, as do a cap for another schedule and a cap of 0 given on
+    the command line (the default is the flag left out)."""
+    with raises_on("--schedule", r"bpipe at --pp 2 never evicts: .*use 1f1b \(bpipe needs --pp >= 3\)"):
+        trial(pp=2, schedule="bpipe")
+    with raises_on("--schedule", r"bpipe at --pp 1 never evicts"):
+        trial(pp=1, schedule="bpipe")
+    with raises_on("--schedule", r"bpipe at --pp 4 never evicts: its cap of 4"):
+        trial(pp=4, schedule="bpipe", bpipe_cap=4)
+    with raises_on("--bpipe-cap", "only applies to --schedule bpipe, not 1f1b"):
+        trial(pp=4, schedule="1f1b", bpipe_cap=3)
 
 
 def test_bpipe_cap_below_pair_balance_is_rejected() -> None:
@@ -247,10 +259,11 @@ def test_memory_limit_must_be_positive(limit: int) -> None:
 
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "bpipe"])
 def test_to_dict_round_trip(schedule: str) -> None:
-    cfg = trial(model_name="tiny-llama", pp=2, tp=2, dp=2, schedule=schedule, memory_limit=2**30)
+    pp = 4 if schedule == "bpipe" else 2  # BPipe evicts from pp 3 on
+    cfg = trial(model_name="tiny-llama", pp=pp, tp=2, dp=2, schedule=schedule, memory_limit=2**30)
     data = cfg.to_dict()
-    assert data["model"] == "tiny-llama" and data["world_size"] == 8
-    assert data["num_microbatches"] == 2 and data["global_batch_size"] == 4
+    assert data["model"] == "tiny-llama" and data["world_size"] == 4 * pp
+    assert data["num_microbatches"] == pp and data["global_batch_size"] == 2 * pp
     assert TrialConfig.from_dict(data) == cfg
     assert dataclasses.replace(cfg, extra={"x": 1}) == cfg
 

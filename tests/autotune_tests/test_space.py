@@ -286,7 +286,8 @@ def test_required_keys(missing: str) -> None:
         ("- a\n- b\n", "must be a YAML mapping"),
         ("knobs: [1, 2\n", "is not valid YAML"),
         ("model: !!python/object/apply:os.system ['true']\n", "is not valid YAML.*constructor"),
-        ("", "must be a YAML mapping"),
+        ("name: a\nmodel: tiny-gpt\nname: b\n", "duplicate key 'name' at line 3 \\(first at line 1\\)"),
+        ("knobs:\n  tp: [1]\n  pp: [1]\n  tp: [2]\n", "duplicate key 'tp' at line 4 \\(first at line 2\\)"),
     ],
 )
 def test_bad_files_name_the_file(tmp_path: Path, text: str, match: str) -> None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
         ("benchmarks.bench_screening", ["--quick", "--limit", "12"], "configurations/s"),
         ("benchmarks.bench_search", ["--quick"], "tuner median <= 25% of the space's configurations"),
         ("benchmarks.paper_cases", ["--models", "llama-65b"], "without recomputation 1F1B fits"),
+        ("benchmarks.bench_limits", ["--quick"], "estimate: slowest"),
     ],
 )
 def test_benchmark_runs(module: str, args: list[str], expect: str) -> None:
