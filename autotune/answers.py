@@ -52,12 +52,13 @@ def best_config(
     if not study and not (model and cluster):
         raise ConfigError("--study", "give --study, or both --model and --cluster")
     from storage import Store
+    from storage.engine import safe_url
 
-    with Store(storage, migrate=False) as store:
+    with Store(storage, read_only=True) as store:
         if study:
             record = store.study(study)
             if record is None:
-                raise ConfigError("--study", f"no study named {study!r} in {store.url}")
+                raise ConfigError("--study", f"no study named {study!r} in {safe_url(store.url)}")
             objective = record.space.get("objective", "tokens_per_s")
             predictions = store.predictions(study)
             wanted = {p.config_hash for p in predictions}

@@ -143,6 +143,19 @@ def open_engine(url: str, *, read_only: bool = False) -> Engine:
     return engine
 
 
+def check_writable(url: str) -> None:
+    """The checks `Store(url)` makes before it writes (StoreError naming the problem), without
+    writing anything: a missing SQLite file is not created, a server is only connected to."""
+    parsed = parse_url(url)
+    path = sqlite_path(parsed)
+    if path is not None:
+        problem = guard.sqlite_file_problem(path, timeout=BUSY_TIMEOUT_S)
+        if problem is not None:
+            raise StoreError(FIELD, problem)
+        return
+    open_engine(url).dispose()
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of a database error's reason, secrets masked."""
     orig = getattr(e, "orig", None) or e

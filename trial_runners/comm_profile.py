@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from autotune.schedules import generate
 from autotune.schedules.ir import Kind
 from trial_runners.executor import StageExecutor, StageLinks
-from trial_runners.launch import run_side_by_side, worker_env
+from trial_runners.launch import job_folder, run_side_by_side, worker_env
 from trial_runners.memory import ActivationTracker
 
 COMM_SIZES = {"medium": 4 * 2**20, "large": 32 * 2**20}  # bytes per ping-pong message
@@ -54,8 +53,8 @@ def measure_p2p(*, warmup: int = 3, repeats: int = 10, timeout: float = 120.0) -
     `isend` / `irecv` call between otherwise idle processes takes 40-90 us; it is paid twice per
     micro-batch on a pipeline's critical stage.
     """
-    with tempfile.TemporaryDirectory(prefix="autotune-profile-comm-") as tmp:
-        folder = Path(tmp)
+    with job_folder("autotune-profile-comm-") as folder:
+        tmp = str(folder)
         env = worker_env(2, "cpu")
         env["GLOO_SOCKET_IFNAME"] = "lo"
         args = [[tmp, str(rank), str(warmup), str(repeats)] for rank in range(2)]

@@ -15,15 +15,17 @@ ranks' results into one trial result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune.errors import ConfigError
+from autotune.errors import ConfigError, raise_on_sigterm
 
 GRACE_S = 120.0  # launcher start-up allowance beyond a trial's own timeout
+STOP_S = 10.0  # how long close() lets cancelled trials clean up (their ranks, their folders)
 
 
 @dataclass
@@ -194,14 +196,36 @@ class RayDispatcher:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ConfigError("--ray-address", f"cannot join Ray at {address}: {first}") from exc
             raise
+        finally:
+            raise_on_sigterm()  # Ray's core worker installs a crash handler (a stack dump, exit 134)
         self._remote = ray.remote(max_retries=0)(_launch)
         self._coordinator = ray.remote(max_retries=0)(_coordinate)
         self._pending: dict[Any, _Pending] = {}
 
+    def _node_ranks(self) -> list[int]:
+        """How many ranks each alive node can hold: a bundle per rank is {"CPU": 1}, or
+        {"GPU": 1, "CPU": 1} with device cuda."""
+        out = []
+        for node in self._ray.nodes():
+            if not node.get("Alive"):
+                continue
+            res = node["Resources"]
+            cpus = int(res.get("CPU", 0.0))
+            out.append(min(cpus, int(res.get("GPU", 0.0))) if self.device == "cuda" else cpus)
+        return out
+
     def _widest_node(self) -> float:
         """The most ranks one alive node can hold (its CPUs, or GPUs with device cuda)."""
-        kind = "GPU" if self.device == "cuda" else "CPU"
-        return max((n["Resources"].get(kind, 0.0) for n in self._ray.nodes() if n.get("Alive")), default=0.0)
+        return float(max(self._node_ranks(), default=0))
+
+    def most_ranks(self) -> int:
+        """The widest trial the cluster can ever hold (trials may span nodes)."""
+        return sum(self._node_ranks())
+
+    def describe(self) -> str:
+        """What the cluster has, for messages: nodes, CPUs and GPUs."""
+        cpu, gpu = (self.resources().get(k, 0.0) for k in ("CPU", "GPU"))
+        return f"{self.nodes()} node(s) with {cpu:g} CPUs and {gpu:g} GPUs in all"
 
     def __enter__(self) -> RayDispatcher:
         return self
@@ -309,9 +333,21 @@ class RayDispatcher:
         self._pending.pop(p.key, None)
         remove_placement_group(p.group)
 
-    def close(self) -> None:
-        for p in list(self._pending.values()):
-            self._ray.cancel(p.ref, force=True)
+    def close(self, *, wait: float = STOP_S) -> None:
+        """Stop every running trial and Ray (when this dispatcher started it, its processes go).
+
+        A running trial is first asked to stop (its launcher gets KeyboardInterrupt, kills its
+        ranks and removes its folder), and only killed outright after `wait` seconds."""
+        pending = list(self._pending.values())
+        for p in pending:
+            with contextlib.suppress(Exception):
+                self._ray.cancel(p.ref, force=False)
+        if pending:
+            with contextlib.suppress(Exception):
+                self._ray.wait([p.ref for p in pending], num_returns=len(pending), timeout=wait)
+        for p in pending:
+            with contextlib.suppress(Exception):
+                self._ray.cancel(p.ref, force=True)
             self._release(p)
         if self._ray.is_initialized():
             self._ray.shutdown()

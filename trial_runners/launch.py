@@ -11,12 +11,15 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,46 @@ class JobOutcome:
     error: str | None
     results: list[list[dict[str, Any]]] = field(default_factory=list)  # [run][rank]
     failed_run: int | None = None
+
+
+_OWNER = "owner.json"  # in every job folder: who made it (host, pid, the pid's start time)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (clock ticks since boot), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22: starttime
+
+
+def _orphaned(folder: Path, host: str) -> bool:
+    """A job folder whose maker, on this host, is gone (killed outright, so it could not clean
+    up); a folder of another host, of a live process or without an owner file is kept."""
+    try:
+        owner = json.loads((folder / _OWNER).read_text())
+        pid, started = int(owner["pid"]), owner["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return owner.get("host") == host and _start_time(pid) != started
+
+
+@contextlib.contextmanager
+def job_folder(prefix: str, workdir: str | None = None) -> Iterator[Path]:
+    """A temporary folder for one job's files, removed when the block ends (an exception,
+    Ctrl-C or SIGTERM included). Folders that jobs killed outright (SIGKILL) left behind in the
+    same place are removed first, once their maker is known to be gone."""
+    parent = Path(workdir or tempfile.gettempdir())
+    host = socket.gethostname()
+    for old in parent.glob("autotune-*"):
+        if old.is_dir() and _orphaned(old, host):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=workdir) as tmp:
+        folder = Path(tmp)
+        owner = {"host": host, "pid": os.getpid(), "start": _start_time(os.getpid())}
+        (folder / _OWNER).write_text(json.dumps(owner))
+        yield folder
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -115,8 +158,7 @@ def run_job(
     Results are per run, one per local rank, in `ranks` order.
     """
     local = list(range(world_size)) if ranks is None else ranks
-    with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
-        folder = Path(tmp)
+    with job_folder("autotune-trial-", workdir) as folder:
         threads = max(1, (os.cpu_count() or 1) // len(local))
         job = {
             "world_size": world_size,

@@ -55,7 +55,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -68,7 +67,7 @@ from autotune.config import DEVICES, RECOMPUTE, ModelSpec
 from autotune.errors import ConfigError
 from autotune.estimate.profiles import FORMAT, PARTS, VERSION, parse_profile
 from trial_runners.comm_profile import measure_p2p
-from trial_runners.launch import run_side_by_side, worker_env
+from trial_runners.launch import job_folder, run_side_by_side, worker_env
 from trial_runners.memory import ActivationTracker
 from trial_runners.models import StageModule, build_stage
 
@@ -370,8 +369,8 @@ def _measure_all(
 def _in_processes(spec: ModelSpec, task: dict[str, Any], count: int) -> list[dict[str, Any]]:
     """`_measure_all(**task)` in `count` fresh processes at once (the launcher's environment for
     `count` ranks); each one's samples (`_Samples.to_json`)."""
-    with tempfile.TemporaryDirectory(prefix="autotune-profile-") as tmp:
-        folder = Path(tmp)
+    with job_folder("autotune-profile-") as folder:
+        tmp = str(folder)
         (folder / "task.json").write_text(json.dumps({"model": spec.to_dict(), **task}))
         argv = [["measure", tmp, str(i)] for i in range(count)]
         run_side_by_side("trial_runners.profile", argv, folder, worker_env(count, "cpu"), "profile")

@@ -20,7 +20,7 @@ import optuna
 from autotune.tuner.calibration import Calibration, KnobCorrection
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of
 from autotune.tuner.study import abandon, open_study, params_of, skip, stale_numbers, tell
-from storage import Store, TrialRecord, config_hash
+from storage import FinishedTrialError, Store, TrialRecord, config_hash
 
 MAX_IDLE_PROPOSALS = 25  # proposals without a new configuration before the tuner picks one itself
 
@@ -67,6 +67,7 @@ class Campaign:
         self, *, store: Store, study: str, screening: Screening, knobs: dict[str, tuple[Any, ...]],
         fingerprint: str, objective: str, steps: int, trial_timeout: float, seed_top: int,
         limits: Limits, rerun: bool = False, seed: int = 0, echo: Callable[[str], None] = print,
+        lease: Any = None,
     ) -> None:  # fmt: skip
         self.store, self.name, self.fingerprint = store, study, fingerprint
         self.candidates = screening.by_knobs()
@@ -75,6 +76,7 @@ class Campaign:
         self.knobs, self.objective = knobs, objective
         self.steps, self.trial_timeout, self.seed_top = steps, trial_timeout, seed_top
         self.limits, self.rerun, self.seed, self.echo = limits, rerun, seed, echo
+        self.lease = lease  # the study's lease (storage.lease.HeldLease): `lost` if taken over
         self.running: dict[int, _Running] = {}
         self.known: dict[tuple[Any, ...], TrialRecord] = {}
         self.calibration = Calibration()
@@ -128,12 +130,21 @@ class Campaign:
         finally:
             if not finished_cleanly:
                 dispatcher.close()
-                for rec in self.store.interrupt_running(self.name):
-                    self.echo(f"trial {rec.id} interrupted")
-                for number in stale_numbers(study):
-                    abandon(study, number)
+                self._interrupt(study)
         self.echo(self._stop_reason())
         return self.best()
+
+    def _interrupt(self, study: optuna.Study) -> None:
+        """Close the trials a stopped campaign leaves running as interrupted (a rerun queues
+        them again); where the store cannot be written now (a full disk), a rerun does it."""
+        try:
+            for rec in self.store.interrupt_running(self.name):
+                self.echo(f"trial {rec.id} interrupted")
+            for number in stale_numbers(study):
+                abandon(study, number)
+        except Exception as exc:  # the stop's own cause is the error to report
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self.echo(f"could not mark the running trials interrupted ({first}); a rerun will")
 
     def _capacity(self) -> int:
         return self.limits.concurrency or 10**6
@@ -215,8 +226,12 @@ class Campaign:
     # -- results --------------------------------------------------------------------------
     def _finish(self, study: optuna.Study, done: Done) -> None:
         run = self.running.pop(done.key)
-        # recorded before anything else
-        rec = self.store.finish_trial(done.key, done.result, attempt=done.attempt, worker=done.worker)
+        try:  # recorded before anything else
+            rec = self.store.finish_trial(done.key, done.result, attempt=done.attempt, worker=done.worker)
+        except FinishedTrialError:  # closed meanwhile by a campaign that took the study over
+            self.echo(f"trial {done.key} was closed by another campaign; its result is dropped")
+            skip(study, run.trial, "closed by another campaign")
+            return
         self.durations.append(time.monotonic() - run.started)
         self.known[run.candidate.knobs] = rec
         value = self._value(rec)
@@ -246,7 +261,7 @@ class Campaign:
 
     def _stopping(self) -> bool:
         lim = self.limits
-        if self.exhausted:
+        if self.exhausted or self._lost():
             return True
         if lim.timeout is not None and time.monotonic() - self.started >= lim.timeout:
             return True
@@ -265,8 +280,13 @@ class Campaign:
                 since += 1
         return since
 
+    def _lost(self) -> bool:
+        return bool(self.lease is not None and self.lease.lost)
+
     def _stop_reason(self) -> str:
         lim, real = self.limits, self._real()
+        if self._lost():
+            return "stopped: another campaign took the study over (this one's lease lapsed)"
         if self.exhausted:
             return "stopped: every fitting configuration is measured"
         if lim.trials is not None and len(real) >= lim.trials:

@@ -38,6 +38,15 @@ class TuneOptions:
 
 
 @dataclass(frozen=True)
+class Loaded:
+    """A validated space and its valid configurations (nothing screened, nothing started)."""
+
+    space: SearchSpace
+    configs: list[Any]
+    rejected: int
+
+
+@dataclass(frozen=True)
 class Prepared:
     space: SearchSpace
     cluster: Any
@@ -46,11 +55,10 @@ class Prepared:
     screening: Screening  # without a profile: memory is predicted exactly, time by the roofline
 
 
-def prepare(space_path: str, *, device: str | None = None) -> Prepared:
-    """Load, validate and screen a space (ConfigError on bad input; writes nothing).
+def load(space_path: str, *, device: str | None = None) -> Loaded:
+    """Load and validate a space and enumerate its configurations (ConfigError on bad input).
 
-    `device` (the CLI's --device) overrides the space's `device` key.
-    """
+    `device` (the CLI's --device) overrides the space's `device` key."""
     space = load_space(space_path)
     if device is not None and device != space.device:
         space = space_from_dict({**space.source, "device": device}, space_path)
@@ -63,6 +71,12 @@ def prepare(space_path: str, *, device: str | None = None) -> Prepared:
         )
     if space.objective == "mfu" and space.device == "cpu":
         raise ConfigError("objective", "mfu needs a device with a known peak FLOP/s; use tokens_per_s on cpu")
+    return Loaded(space, configs, len(rejected))
+
+
+def screened(loaded: Loaded) -> Prepared:
+    """Tier 1 without a profile: every configuration estimated, refused if none is predicted to fit."""
+    space, configs = loaded.space, loaded.configs
     cluster = load_cluster(space.cluster)
     screening = screen(configs, cluster, objective=space.objective)
     if not screening.fitting:
@@ -73,7 +87,12 @@ def prepare(space_path: str, *, device: str | None = None) -> Prepared:
             f"no valid configuration is predicted to fit: all {len(configs)} exceed "
             f"{big['memory_limit_bytes']:,} bytes per device (e.g. {describe(big['config'])} needs {need:,})",
         )
-    return Prepared(space, cluster, configs, len(rejected), screening)
+    return Prepared(space, cluster, configs, loaded.rejected, screening)
+
+
+def prepare(space_path: str, *, device: str | None = None) -> Prepared:
+    """Load, validate and screen a space (ConfigError on bad input; writes nothing)."""
+    return screened(load(space_path, device=device))
 
 
 def cpu_profile(
@@ -107,61 +126,114 @@ def _same_model(profile: Profile, space: SearchSpace) -> bool:
 
 
 def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] = print) -> Any:
-    """Run (or resume) the campaign over `space_path`; returns the best TrialRecord or None."""
-    ready = prepare(space_path, device=options.device)
-    space, cluster, screening = ready.space, ready.cluster, ready.screening
+    """Run (or resume) the campaign over `space_path`; returns the best TrialRecord or None.
+
+    In order, each refusal one line and exit 2: the space (loaded and enumerated), the study's
+    lease (another live campaign on the study), the cluster (can it ever hold a trial of the
+    space?), the screening (is anything predicted to fit?); then the store is written to."""
+    loaded = load(space_path, device=options.device)
+    space = loaded.space
     study_name = options.study or space.name
+    _check_store(options.storage, study_name)
     from storage import Store
+    from storage.lease import hold
 
-    with Store(options.storage) as store, _ray(options, space.device, screening, echo) as dispatcher:
-        fingerprint = store.register_fingerprint(dispatcher.fingerprint())
-        store.create_study(
-            study_name,
-            space=space.source,
-            model=space.model.name,
-            cluster=space.cluster,
-            fingerprint=fingerprint,
-        )
-        profile = cpu_profile(space, store, fingerprint, echo)
-        if profile is not None:
-            cluster = load_cluster(space.cluster, comm=profile.comm) if profile.comm else cluster
-            screening = screen(ready.configs, cluster, objective=space.objective, profile=profile)
-        _report_screening(space, screening, ready.rejected, echo)
-        if not screening.fitting:
-            raise ConfigError(
-                "memory_limit", "no valid configuration is predicted to fit with the measured profile"
+    with _ray(options, loaded, echo) as dispatcher:
+        loaded = _holdable(loaded, dispatcher, options, echo)
+        ready = screened(loaded)
+        cluster, screening = ready.cluster, ready.screening
+        with Store(options.storage) as store, hold(store, study_name) as lease:
+            fingerprint = store.register_fingerprint(dispatcher.fingerprint())
+            store.create_study(
+                study_name,
+                space=space.source,
+                model=space.model.name,
+                cluster=space.cluster,
+                fingerprint=fingerprint,
             )
-        store.save_predictions(study_name, [(c.config.to_dict(), c.predicted) for c in screening.fitting])
-        limits = Limits(
-            trials=options.trials or space.trials,
-            timeout=options.timeout or space.timeout,
-            patience=options.patience or space.patience,
-            concurrency=space.concurrency
-            or dispatcher.capacity(max(c.config.world_size for c in screening.fitting)),
-        )
-        campaign = Campaign(
-            store=store, study=study_name, screening=screening, knobs=space.knobs, fingerprint=fingerprint,
-            objective=space.objective, steps=space.steps, trial_timeout=space.trial_timeout,
-            seed_top=space.seed_top, limits=limits, rerun=options.rerun, seed=options.seed, echo=echo,
-        )  # fmt: skip
-        best = campaign.run(dispatcher)
-        if best is not None:
-            echo(f"best: {describe(best.config)} -> {getattr(best, space.objective):,.0f} {space.objective}")
-        return best
+            profile = cpu_profile(space, store, fingerprint, echo)
+            if profile is not None:
+                cluster = load_cluster(space.cluster, comm=profile.comm) if profile.comm else cluster
+                screening = screen(ready.configs, cluster, objective=space.objective, profile=profile)
+            _report_screening(space, screening, ready.rejected, echo)
+            if not screening.fitting:
+                raise ConfigError(
+                    "memory_limit", "no valid configuration is predicted to fit with the measured profile"
+                )
+            store.save_predictions(study_name, [(c.config.to_dict(), c.predicted) for c in screening.fitting])
+            limits = Limits(
+                trials=options.trials or space.trials,
+                timeout=options.timeout or space.timeout,
+                patience=options.patience or space.patience,
+                concurrency=space.concurrency
+                or dispatcher.capacity(max(c.config.world_size for c in screening.fitting)),
+            )
+            campaign = Campaign(
+                store=store, study=study_name, screening=screening, knobs=space.knobs,
+                fingerprint=fingerprint, objective=space.objective, steps=space.steps,
+                trial_timeout=space.trial_timeout, seed_top=space.seed_top, limits=limits,
+                rerun=options.rerun, seed=options.seed, echo=echo, lease=lease,
+            )  # fmt: skip
+            best = campaign.run(dispatcher)
+            if best is not None:
+                value = getattr(best, space.objective)
+                echo(f"best: {describe(best.config)} -> {value:,.0f} {space.objective}")
+            return best
 
 
-def _ray(options: TuneOptions, device: str, screening: Screening, echo: Callable[[str], None]) -> Any:
-    """Start Ray here (with room for the widest configuration) or join `--ray-address`."""
+def _check_store(url: str, study: str) -> None:
+    """Before Ray starts: the database can be written to (checked without writing), and no other
+    live campaign runs the study (a read-only look; the lease itself is taken later, race-free)."""
+    from storage import Store
+    from storage.engine import check_writable
+    from storage.migrate import current
+
+    check_writable(url)
+    if current(url) is None:
+        return  # a database the campaign will create or migrate: nobody runs a study in it yet
+    with Store(url, read_only=True) as store:
+        store.check_lease_free(study)
+
+
+def _ray(options: TuneOptions, loaded: Loaded, echo: Callable[[str], None]) -> Any:
+    """Start Ray here or join `--ray-address`. Locally a CPU space whose widest configuration has
+    more ranks than this machine has cores gets that many CPUs (its ranks time-share the cores);
+    otherwise Ray gets the machine as it is."""
     from trial_runners.dispatch import RayDispatcher
 
-    cpus = max(os.cpu_count() or 1, max(c.config.world_size for c in screening.fitting))
-    echo(
-        f"joining Ray at {options.ray_address}" if options.ray_address else f"starting Ray here ({cpus} CPUs)"
-    )
-    dispatcher = RayDispatcher(address=options.ray_address, device=device, num_cpus=cpus)
-    cpu, gpu = (dispatcher.resources().get(k, 0.0) for k in ("CPU", "GPU"))
-    echo(f"Ray: {dispatcher.nodes()} node(s), {cpu:g} CPUs, {gpu:g} GPUs")
+    cores = os.cpu_count() or 1
+    widest = max(c.world_size for c in loaded.configs)
+    cpus = max(cores, widest) if loaded.space.device == "cpu" else cores
+    if options.ray_address:
+        echo(f"joining Ray at {options.ray_address}")
+    elif cpus > cores:
+        echo(f"starting Ray here ({cpus} CPUs on {cores} cores: trials of {widest} ranks time-share them)")
+    else:
+        echo(f"starting Ray here ({cpus} CPUs)")
+    dispatcher = RayDispatcher(address=options.ray_address, device=loaded.space.device, num_cpus=cpus)
+    echo(f"Ray: {dispatcher.describe()}")
     return dispatcher
+
+
+def _holdable(loaded: Loaded, dispatcher: Any, options: TuneOptions, echo: Callable[[str], None]) -> Loaded:
+    """The configurations the cluster can ever hold (a rank per CPU, or per GPU with device cuda,
+    trials spanning nodes); refused at once, naming what is missing, when there is none."""
+    most = dispatcher.most_ranks()
+    fits = [c for c in loaded.configs if c.world_size <= most]
+    if fits:
+        if len(fits) < len(loaded.configs):
+            left = len(loaded.configs) - len(fits)
+            echo(f"left out {left} configuration(s) wider than the {most} ranks the cluster can hold")
+        return Loaded(loaded.space, fits, loaded.rejected + len(loaded.configs) - len(fits))
+    space = loaded.space
+    need = min(c.world_size for c in loaded.configs)
+    unit = "GPUs (and a CPU beside each)" if space.device == "cuda" else "CPUs"
+    where = f"the Ray cluster at {options.ray_address}" if options.ray_address else "this machine's Ray"
+    raise ConfigError(
+        "--ray-address" if options.ray_address else "device",
+        f"every configuration of {space.name} needs at least {need} {unit}, one per rank, but {where} "
+        f"can hold {most} ({dispatcher.describe()}); run it where the devices are (--ray-address)",
+    )
 
 
 def _report_screening(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,20 +21,6 @@ def _drain(d: RayDispatcher, limit: float = 240.0) -> list[Finished]:
         out += d.wait(1.0)
     assert not d.running, "trials did not finish"
     return out
-
-
-@pytest.fixture
-def two_nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        yield cluster.address
-    finally:
-        cluster.shutdown()
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(two_nodes: str) -> None:
