@@ -52,23 +52,34 @@ def best_config(
     if not study and not (model and cluster):
         raise ConfigError("--study", "give --study, or both --model and --cluster")
     from storage import Store
-    from storage.engine import safe_url
 
     with Store(storage, read_only=True) as store:
-        if study:
-            record = store.study(study)
-            if record is None:
-                raise ConfigError("--study", f"no study named {study!r} in {safe_url(store.url)}")
-            objective = record.space.get("objective", "tokens_per_s")
-            predictions = store.predictions(study)
-            wanted = {p.config_hash for p in predictions}
-            trials = [t for t in store.trials(fingerprint=record.fingerprint) if t.config_hash in wanted]
-            trials += [t for t in store.trials(study=study) if t.config_hash not in wanted]
-        else:
-            objective = "tokens_per_s"
-            predictions = store.predictions(model=model, cluster=cluster)
-            trials = store.trials(model=model, cluster=cluster)
-        best = _pick(store, trials, predictions, objective)
+        return best_in(store, study=study, model=model, cluster=cluster)
+
+
+def best_in(
+    store: Any, *, study: str | None = None, model: str | None = None, cluster: str | None = None
+) -> BestConfig:
+    """`best_config` on a store already open (the dashboard's); ConfigError where nothing is known."""
+    from storage.engine import safe_url
+
+    if study:
+        record = store.study(study)
+        if record is None:
+            raise ConfigError("--study", f"no study named {study!r} in {safe_url(store.url)}")
+        objective = record.space.get("objective", "tokens_per_s")
+        # the study's own trials and those of other studies on its hardware that measured one of
+        # its configurations, the best first: found by the database, not by reading them all
+        _, trials = store.trial_page(
+            study, limit=1, sort=objective, descending=True, status="ok", answering=True
+        )
+        measured = bool(trials) and _value(trials[0], objective) is not None
+        predictions = [] if measured else store.predictions(study)
+    else:
+        objective = "tokens_per_s"
+        predictions = store.predictions(model=model, cluster=cluster)
+        trials = store.trials(model=model, cluster=cluster)
+    best = _pick(store, trials, predictions, objective)
     if best is None:
         where = f"study {study!r}" if study else f"model {model!r} on cluster {cluster!r}"
         raise ConfigError("--study" if study else "--model", f"nothing measured or predicted for {where}")

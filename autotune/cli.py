@@ -167,7 +167,7 @@ def _check_trial(args: argparse.Namespace) -> Work:
         from trial_runners.trial import run_trial
 
         result = run_trial(cfg, steps=args.steps, seed=args.seed, timeout=args.timeout, data_path=args.data)
-        print(json.dumps(result) if args.json else format_trial(result))
+        print(json.dumps(result.to_dict()) if args.json else format_trial(result.to_dict()))
         return 0
 
     return work
@@ -299,7 +299,7 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 
 def format_trial(result: dict[str, Any]) -> str:
-    """A short human-readable report of a trial result."""
+    """A short human-readable report of a trial result's JSON (`TrialResult.to_dict()`)."""
     cfg = result["config"]
     head = (
         f"{cfg['model']}  tp={cfg['tp']} pp={cfg['pp']} dp={cfg['dp']} mbs={cfg['micro_batch_size']} "

@@ -22,8 +22,11 @@ from autotune.limits import BOUNDS, MAX_BYTES, check_bound, check_cells
 
 FAMILIES = ("gpt", "llama")
 SCHEDULES = ("1f1b", "gpipe", "bpipe")
+BASELINES = tuple(s for s in SCHEDULES if s != "bpipe")  # what BPipe is judged against
 RECOMPUTE = ("none", "selective", "full")
 DEVICES = ("cpu", "cuda")
+# What a search space searches over: a TrialConfig field each (a campaign's knob key, in order)
+KNOBS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
 
 # The shape fields of a model (YAML keys; the CLI flags are the same with dashes).
 MODEL_FIELDS = (

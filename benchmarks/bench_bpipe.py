@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 from autotune.config import TrialConfig, load_model, model_flops_per_token
 from trial_runners.launch import run_job, summarize
@@ -82,11 +81,11 @@ def measure(setup: Setup, pp: int) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for name, ranks in zip(order, outcome.results, strict=True):
         cfg = cfgs[name]
-        summary: dict[str, Any] = summarize(
+        summary = summarize(
             cfg, ranks, flops_per_token=model_flops_per_token(cfg.model, recompute="none"), peak_flops=None
         )
         per_step = [max(r["step_times"][i] for r in ranks) for i in range(len(ranks[0]["step_times"]))]
-        stage0 = summary["stages"][0]
+        stage0 = summary.stages[0]
         row = rows.setdefault(
             name,
             Row(
@@ -94,9 +93,9 @@ def measure(setup: Setup, pp: int) -> dict[str, Row]:
                 name,
                 cfg.bpipe_cap,
                 [],
-                stage0["peak_activation_bytes"],
-                stage0["evicted_bytes"],
-                summary["losses"][0],
+                stage0.peak_activation_bytes,
+                stage0.evicted_bytes,
+                summary.losses[0],
             ),
         )
         row.step_times.extend(per_step[1:])  # step 0 is the warm-up

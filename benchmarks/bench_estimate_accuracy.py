@@ -38,7 +38,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from autotune.config import ModelSpec, TrialConfig, load_model, model_flops_per_token
 from autotune.estimate.clusters import load_cluster
@@ -184,13 +183,14 @@ def measure(setup: Setup, rows: list[Row], world_size: int, round_index: int) ->
             f"world size {world_size}: run {outcome.failed_run} ended {outcome.status}: {outcome.error}"
         )
     for row, ranks in zip(order, outcome.results, strict=True):
-        summary: dict[str, Any] = summarize(
+        summary = summarize(
             row.cfg,
             ranks,
             flops_per_token=model_flops_per_token(row.cfg.model, recompute=row.cfg.recompute),
             peak_flops=None,
         )
-        row.runs.append(float(summary["step_time_s"]))
+        assert summary.step_time_s is not None  # an ok run's result is measured
+        row.runs.append(summary.step_time_s)
 
 
 def report(setup: Setup, spec: ModelSpec, profile: Profile, rows: list[Row]) -> None:

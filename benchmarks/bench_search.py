@@ -55,6 +55,7 @@ from typing import Any
 import optuna
 
 from autotune.estimate.clusters import load_cluster
+from autotune.results import TrialResult
 from autotune.tuner.campaign import MAX_IDLE_PROPOSALS, Campaign, Limits, describe
 from autotune.tuner.run import Prepared, cpu_profile, prepare
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of, screen
@@ -225,8 +226,8 @@ def measure(world: World, setup: Setup, table: dict[str, Any] | None) -> None:
             if len(row.runs) > rep:
                 continue
             began = time.monotonic()
-            result = run_trial(row.candidate.config, steps=space.steps, timeout=space.trial_timeout)
-            row.runs.append(result)
+            result = run_trial(row.candidate.config, steps=space.steps, timeout=space.trial_timeout).to_dict()
+            row.runs.append(result)  # as JSON, the table's form
             done += 1
             value = objective_of(result, world.objective) if result["status"] == "ok" else None
             what = (
@@ -254,7 +255,7 @@ class _Found(Exception):
 @dataclass
 class _Replayed:
     key: Any
-    result: dict[str, Any]
+    result: TrialResult
     attempt: int = 1
     worker: str | None = None
 
@@ -281,7 +282,7 @@ class ReplayDispatcher:
         k = knob_key(config)
         self.order.append(k)
         self.ids.append(key)
-        self._ready.append(_Replayed(key, _plain(self.results[k])))
+        self._ready.append(_Replayed(key, TrialResult.from_dict(_plain(self.results[k]))))
 
     def wait(self, timeout: float) -> list[_Replayed]:
         ready, self._ready = self._ready, []

@@ -6,9 +6,10 @@ import copy
 import json
 from typing import Any
 
+from autotune.results import TrialResult
 from storage.engine import dump_json
 from storage.models import Lease, Prediction, Study, Trial
-from storage.records import FINISHED_STATUSES, LeaseRecord, PredictionRecord, StudyRecord, TrialRecord
+from storage.records import LeaseRecord, PredictionRecord, StudyRecord, TrialRecord
 
 STAGE_FIELDS = ("peak_activation_bytes", "peak_memory_bytes", "evicted_bytes", "predicted_peak_memory_bytes")
 
@@ -85,31 +86,20 @@ def predicted_peaks(predicted: dict[str, Any] | None) -> dict[int, int]:
     return peaks
 
 
-def _optional(value: Any, kind: type) -> Any:
-    return None if value is None else kind(value)
-
-
-def finish_values(result: dict[str, Any]) -> dict[str, Any]:
-    """The trial columns a result JSON of `autotune trial` sets; ValueError for a bad status."""
-    if result.get("status") not in FINISHED_STATUSES:
-        raise ValueError(f"trial result status {result.get('status')!r} is not one of {FINISHED_STATUSES}")
+def finish_values(result: TrialResult) -> dict[str, Any]:
+    """The trial columns a finished trial's result sets."""
     return {
-        "status": result["status"],
-        "error": _optional(result.get("error"), str),
-        **{
-            k: _optional(result.get(k), float)
-            for k in ("step_time_s", "tokens_per_s", "mfu", "achieved_tflops")
-        },
-        "losses": as_stored(list(result.get("losses") or [])),
+        "status": result.status.value,
+        "error": result.error,
+        "step_time_s": result.step_time_s,
+        "tokens_per_s": result.tokens_per_s,
+        "mfu": result.mfu,
+        "achieved_tflops": result.achieved_tflops,
+        "losses": as_stored(list(result.losses)),
     }
 
 
-def stage_values(result: dict[str, Any], predicted: dict[str, Any] | None) -> list[dict[str, Any]]:
+def stage_values(result: TrialResult, predicted: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per measured stage, with the predicted peak memory beside the measured one."""
     peaks = predicted_peaks(predicted)
-    rows = []
-    for i, st in enumerate(result.get("stages") or []):
-        stage = int(st.get("stage", i))
-        row = {k: _optional(st.get(k), int) for k in STAGE_FIELDS[:3]}
-        rows.append({"stage": stage, **row, "predicted_peak_memory_bytes": peaks.get(stage)})
-    return rows
+    return [{**st.to_dict(), "predicted_peak_memory_bytes": peaks.get(st.stage)} for st in result.stages]

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+from autotune.results import TrialResult
 from storage.errors import StoreError
 from storage.records import INTERRUPTED, LeaseRecord, PredictionRecord, StudyRecord, TrialRecord
 
@@ -43,6 +44,10 @@ class BaseStore(abc.ABC):
     @abc.abstractmethod
     def register_fingerprint(self, info: dict[str, Any]) -> str:
         """Keep a hardware description (idempotent); returns its hash."""
+
+    @abc.abstractmethod
+    def fingerprint(self, key: str) -> dict[str, Any] | None:
+        """The hardware description registered under `key` (None if there is none)."""
 
     @abc.abstractmethod
     def create_study(
@@ -79,10 +84,18 @@ class BaseStore(abc.ABC):
 
     @abc.abstractmethod
     def finish_trial(
-        self, trial_id: int, result: dict[str, Any], *, attempt: int | None = None, worker: str | None = None
+        self,
+        trial_id: int,
+        result: TrialResult | dict[str, Any],
+        *,
+        attempt: int | None = None,
+        worker: str | None = None,
+        simulated: list[dict[str, Any]] | None = None,
     ) -> TrialRecord:
-        """Record the result JSON of `autotune trial` for a running trial, atomically; `attempt`
-        and `worker` (where it ran) replace the values given at its start."""
+        """Record a running trial's result, atomically: the record, or its JSON (`autotune
+        trial`'s, read with `TrialResult.from_dict`: ValueError for a bad status, nothing written);
+        `attempt` and `worker` (where it ran) replace the values given at its start; the result's
+        measured timeline and `simulated` beside it become the trial's `timeline`."""
 
     @abc.abstractmethod
     def interrupt_running(self, study: str) -> list[TrialRecord]:
@@ -103,6 +116,37 @@ class BaseStore(abc.ABC):
         config_hash: str | None = None,
     ) -> list[TrialRecord]:
         """Trials matching every filter given, by id; model and cluster are the study's."""
+
+    @abc.abstractmethod
+    def trial_page(
+        self,
+        study: str,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        sort: str = "id",
+        descending: bool = False,
+        status: str | None = None,
+        knobs: dict[str, Any] | None = None,
+        answering: bool = False,
+    ) -> tuple[int, list[TrialRecord]]:
+        """One page of a study's trials, sorted and filtered in the database: (how many match,
+        the page). `sort` is a column of `PAGE_SORTS` or a knob of `PAGE_KNOBS` (ValueError
+        otherwise); `knobs` maps knobs to the value a trial's configuration must hold;
+        `answering` adds the finished trials of other studies on the study's hardware that
+        measured one of its configurations (the store answers it with them). `NotFoundError`
+        for an unknown study."""
+
+    @abc.abstractmethod
+    def trial_points(self, study: str, *, answering: bool = False) -> list[dict[str, Any]]:
+        """Every trial of a study (`answering` as `trial_page`'s) as a few plain values, for
+        charts over thousands of trials: id, own (of this study), status, started_at,
+        finished_at, tokens_per_s, step_time_s, mfu, predicted_tokens_per_s,
+        predicted_step_time_s, and the knobs of `PAGE_KNOBS`."""
+
+    @abc.abstractmethod
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        """Per study name, how many of its trials have each status (counted in the database)."""
 
     @abc.abstractmethod
     def save_profile(self, fingerprint: str, model: str, profile: dict[str, Any]) -> None: ...

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-TRIAL_STATUSES = ("running", "ok", "oom", "failed", "timeout")
-FINISHED_STATUSES = TRIAL_STATUSES[1:]
+from autotune.config import KNOBS
+from autotune.results import Status
+
+FINISHED_STATUSES = tuple(s.value for s in Status)  # how a trial can end (autotune.results)
+TRIAL_STATUSES = ("running", *FINISHED_STATUSES)
+# What a page of trials can be sorted by (`BaseStore.trial_page`): a column, or a knob
+PAGE_SORTS = ("id", "status", "tokens_per_s", "step_time_s", "mfu", "started_at", "finished_at")
+PAGE_KNOBS = KNOBS
 INTERRUPTED = "interrupted"
 
 

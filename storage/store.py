@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Select, delete, inspect, select, update
+from sqlalchemy import Select, and_, delete, func, inspect, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
+from autotune.results import TrialResult
 from storage import _convert as conv
 from storage.base import BaseStore
 from storage.engine import FIELD, READ_ONLY, open_engine, parse_url, safe_url, sqlite_path, storage_failures
@@ -38,6 +39,8 @@ from storage.models import (
 )
 from storage.records import (
     INTERRUPTED,
+    PAGE_KNOBS,
+    PAGE_SORTS,
     LeaseRecord,
     PredictionRecord,
     StudyRecord,
@@ -140,6 +143,11 @@ class Store(BaseStore):
             self._insert_missing(s, Fingerprint, hash=key, info=stored, created=utcnow())
         return key
 
+    def fingerprint(self, key: str) -> dict[str, Any] | None:
+        with self._session(write=False) as s:
+            row = s.get(Fingerprint, key)
+            return None if row is None else dict(row.info)
+
     def create_study(
         self, name: str, *, space: dict[str, Any], model: str, cluster: str, fingerprint: str
     ) -> StudyRecord:
@@ -221,9 +229,21 @@ class Store(BaseStore):
             return row.id
 
     def finish_trial(
-        self, trial_id: int, result: dict[str, Any], *, attempt: int | None = None, worker: str | None = None
+        self,
+        trial_id: int,
+        result: TrialResult | dict[str, Any],
+        *,
+        attempt: int | None = None,
+        worker: str | None = None,
+        simulated: list[dict[str, Any]] | None = None,
     ) -> TrialRecord:
-        """Record a running trial's result; `FinishedTrialError` if it is already finished."""
+        """Record a running trial's result; `FinishedTrialError` if it is already finished.
+
+        The result's measured timeline, and `simulated` (the simulator's timeline of the same
+        configuration) beside it, are kept as the trial's timeline (`timeline(trial_id)`:
+        `{"measured": [...], "simulated": [...]}`, span dicts of `autotune.timeline`)."""
+        if not isinstance(result, TrialResult):
+            result = TrialResult.from_dict(result)
         values = conv.finish_values(result)
         values.update({k: v for k, v in (("attempt", attempt), ("worker", worker)) if v is not None})
         with self._session() as s:
@@ -243,6 +263,9 @@ class Store(BaseStore):
             s.add_all(
                 TrialStage(trial_id=trial_id, **row) for row in conv.stage_values(result, done.predicted)
             )
+            if result.timeline or simulated:
+                timeline = {"measured": list(result.timeline), "simulated": list(simulated or ())}
+                s.merge(Timeline(trial_id=trial_id, timeline=conv.as_stored(timeline)))
             s.flush()
             return self._trial_in(s, trial_id)
 
@@ -283,6 +306,89 @@ class Store(BaseStore):
         query = _matching(query, (Trial.config_hash, config_hash))
         with self._session(write=False) as s:
             return [conv.trial_record(r) for r in s.scalars(query.order_by(Trial.id)).unique()]
+
+    def trial_page(
+        self,
+        study: str,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        sort: str = "id",
+        descending: bool = False,
+        status: str | None = None,
+        knobs: dict[str, Any] | None = None,
+        answering: bool = False,
+    ) -> tuple[int, list[TrialRecord]]:
+        if sort not in PAGE_SORTS and sort not in PAGE_KNOBS:
+            raise ValueError(f"sort {sort!r} is not one of {', '.join(PAGE_SORTS + PAGE_KNOBS)}")
+        unknown = sorted(set(knobs or {}) - set(PAGE_KNOBS))
+        if unknown:
+            raise ValueError(f"knob {unknown[0]!r} is not one of {', '.join(PAGE_KNOBS)}")
+        with self._session(write=False) as s:
+            where = [self._of_study(s, study, answering)]
+            if status is not None:
+                where.append(Trial.status == status)
+            for knob, value in (knobs or {}).items():
+                where.append(_knob_equals(knob, value))
+            ids = select(Trial.id).join(Trial.config).where(*where)
+            total = s.scalar(select(func.count()).select_from(ids.subquery())) or 0
+            key = getattr(Trial, sort) if sort in PAGE_SORTS else _knob_column(sort)
+            order = [key.desc() if descending else key.asc(), Trial.id.desc() if descending else Trial.id]
+            if sort in PAGE_SORTS and sort != "id":  # trials without the value come last either way
+                order.insert(0, key.is_(None))
+            page = s.scalars(ids.order_by(*order).offset(offset).limit(limit)).all()
+            if not page:
+                return total, []
+            rows = s.scalars(_trial_query().where(Trial.id.in_(page))).unique().all()
+            by_id = {r.id: conv.trial_record(r) for r in rows}
+            return total, [by_id[i] for i in page]
+
+    def trial_points(self, study: str, *, answering: bool = False) -> list[dict[str, Any]]:
+        knobs = [_knob_column(k).label(k) for k in PAGE_KNOBS]
+        cols = (Trial.id, Trial.status, Trial.started_at, Trial.finished_at, Trial.tokens_per_s,
+                Trial.step_time_s, Trial.mfu, Trial.predicted)  # fmt: skip
+        with self._session(write=False) as s:
+            query = select(*cols, Trial.study_id, *knobs).join(Trial.config)
+            sid = self._study_id(s, study)
+            query = query.where(self._of_study(s, study, answering)).order_by(Trial.id)
+            out = []
+            for row in s.execute(query):
+                point = row._asdict()
+                point["own"] = point.pop("study_id") == sid
+                predicted = point.pop("predicted") or {}
+                point["predicted_tokens_per_s"] = predicted.get("tokens_per_s")
+                point["predicted_step_time_s"] = predicted.get("step_time_s")
+                out.append(point)
+            return out
+
+    def _of_study(self, session: Session, study: str, answering: bool) -> Any:
+        """The trials of `study`; with `answering`, also the finished trials of other studies on
+        its hardware that measured one of its configurations (they answer it from the store)."""
+        sid = self._study_id(session, study)
+        if not answering:
+            return Trial.study_id == sid
+        fingerprint = session.scalar(select(Study.fingerprint_hash).where(Study.id == sid))
+        mine = select(Prediction.config_hash).where(Prediction.study_id == sid)
+        return or_(
+            Trial.study_id == sid,
+            and_(
+                Trial.fingerprint_hash == fingerprint,
+                Trial.status != "running",
+                Trial.config_hash.in_(mine),
+            ),
+        )
+
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        query = (
+            select(Study.name, Trial.status, func.count())
+            .join(Trial.study)
+            .group_by(Study.name, Trial.status)
+        )
+        with self._session(write=False) as s:
+            counts: dict[str, dict[str, int]] = {}
+            for name, status, n in s.execute(query):
+                counts.setdefault(name, {})[status] = n
+            return counts
 
     def save_profile(self, fingerprint: str, model: str, profile: dict[str, Any]) -> None:
         with self._session() as s:
@@ -389,6 +495,29 @@ def _by_study(
     query: Select[Any], *, study: str | None, model: str | None, cluster: str | None
 ) -> Select[Any]:
     return _matching(query, (Study.name, study), (Study.model, model), (Study.cluster, cluster))
+
+
+_KNOB_TYPES = {"schedule": "string", "recompute": "string", "flash_attention": "boolean"}
+
+
+def _knob_column(knob: str) -> Any:
+    """A knob of the trial's stored configuration as an SQL expression (JSON, both dialects)."""
+    value = Config.config[knob]
+    kind = _KNOB_TYPES.get(knob, "integer")
+    if kind == "string":
+        return value.as_string()
+    return value.as_boolean() if kind == "boolean" else value.as_integer()
+
+
+def _knob_equals(knob: str, value: Any) -> Any:
+    kind = _KNOB_TYPES.get(knob, "integer")
+    if kind == "boolean" and not isinstance(value, bool):
+        raise ValueError(f"knob {knob!r} takes true or false, not {value!r}")
+    if kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"knob {knob!r} takes an integer, not {value!r}")
+    if kind == "string" and not isinstance(value, str):
+        raise ValueError(f"knob {knob!r} takes a name, not {value!r}")
+    return _knob_column(knob) == value
 
 
 def _matching(query: Select[Any], *filters: tuple[Any, str | None]) -> Select[Any]:

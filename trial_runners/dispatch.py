@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.errors import ConfigError, raise_on_sigterm
+from autotune.results import Status, TrialResult
 
 GRACE_S = 120.0  # launcher start-up allowance beyond a trial's own timeout
 STOP_S = 10.0  # how long close() lets cancelled trials clean up (their ranks, their folders)
@@ -30,10 +31,10 @@ STOP_S = 10.0  # how long close() lets cancelled trials clean up (their ranks, t
 
 @dataclass
 class Finished:
-    """A trial's end: the result JSON of `autotune trial`, which attempt it was, where it ran."""
+    """A trial's end: its result (what `autotune trial` gives), which attempt it was, where it ran."""
 
     key: Any
-    result: dict[str, Any]
+    result: TrialResult
     attempt: int
     worker: str | None
 
@@ -70,14 +71,14 @@ def _where() -> str:
 
 
 def _launch(config: dict[str, Any], options: dict[str, Any], attempt: int) -> dict[str, Any]:
-    """Ray task body: run one trial on this node, return its result and where it ran."""
+    """Ray task body: run one trial on this node, return its result (as JSON) and where it ran."""
     from autotune.config import TrialConfig
     from trial_runners.trial import run_trial
 
     _start_task(config, options, attempt, first=True)
     cfg = TrialConfig.from_dict(config)
     result = run_trial(cfg, steps=options["steps"], seed=options["seed"], timeout=options["timeout"])
-    return {"result": result, "worker": _where()}
+    return {"result": result.to_dict(), "worker": _where()}
 
 
 _FAILURE_ORDER = ("oom", "died", "timeout", "failed")  # the root cause first among failed parts
@@ -151,7 +152,7 @@ def _coordinate(config: dict[str, Any], options: dict[str, Any], attempt: int, g
     status, error = ("ok", None) if not failed else _root_cause(failed)
     ranks_out = [r for p in parts for r in p["results"]]
     result = trial_result(TrialConfig.from_dict(config), status, error, ranks_out if not failed else [])
-    return {"result": result, "worker": ",".join(sorted({p["worker"] for p in parts}))}
+    return {"result": result.to_dict(), "worker": ",".join(sorted({p["worker"] for p in parts}))}
 
 
 def _root_cause(parts: list[dict[str, Any]]) -> tuple[str, str]:
@@ -303,15 +304,17 @@ class RayDispatcher:
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
             if not isinstance(cause, WorkerCrashedError | NodeDiedError):
                 first = str(cause or exc).strip().splitlines()
-                failure = _failure(p.config, f"launcher error: {first[-1] if first else exc}")
+                reason = f"launcher error: {first[-1] if first else exc}"
+                failure = TrialResult.failure(p.config, status=Status.FAILED, reason=reason)
                 return Finished(p.key, failure, p.attempt, None)
             reason = f"worker lost ({type(cause).__name__})"
             if p.attempt == 1:
                 self._start(p.key, p.config, p.options, attempt=2)
                 return None
-            failure = _failure(p.config, f"{reason} twice; gave up after one retry")
+            reason = f"{reason} twice; gave up after one retry"
+            failure = TrialResult.failure(p.config, status=Status.FAILED, reason=reason)
             return Finished(p.key, failure, p.attempt, None)
-        return Finished(p.key, out["result"], p.attempt, out["worker"])
+        return Finished(p.key, TrialResult.from_dict(out["result"]), p.attempt, out["worker"])
 
     def _overdue(self) -> Iterator[Finished]:
         now = time.monotonic()
@@ -325,7 +328,8 @@ class RayDispatcher:
             self._release(p)
             limit = p.options["timeout"]
             reason = f"trial did not finish within {limit:g} s (+{self.grace:g} s start-up); cancelled"
-            yield Finished(p.key, _failure(p.config, reason, status="timeout"), p.attempt, None)
+            failure = TrialResult.failure(p.config, status=Status.TIMEOUT, reason=reason)
+            yield Finished(p.key, failure, p.attempt, None)
 
     def _release(self, p: _Pending) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -355,10 +359,3 @@ class RayDispatcher:
 
 def _passed_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AUTOTUNE_INJECT")}
-
-
-def _failure(config: dict[str, Any], reason: str, *, status: str = "failed") -> dict[str, Any]:
-    return {
-        "status": status, "error": reason, "config": config, "step_time_s": None, "tokens_per_s": None,
-        "achieved_tflops": None, "mfu": None, "losses": [], "stages": [],
-    }  # fmt: skip

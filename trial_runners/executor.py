@@ -9,6 +9,11 @@ which is when their memory is released.
 
 `action_times`, where given, collects each action's thread time by kind (the profile measures the
 cost of posting a transfer through these very handlers: `trial_runners.comm_profile`).
+
+`run_step(batch, timeline=origin)` also records the step's timeline: one span per action and one
+per wait on a transfer, in seconds since `origin` (a `time.perf_counter()` taken as every rank
+leaves the step's barrier), in the simulator's span shape (`autotune.timeline`), so the measured
+step and the simulated one are drawn by the same renderers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.distributed as dist
 
 from autotune.schedules.ir import Action, Kind
 from autotune.schedules.memory import release_points
+from autotune.timeline import span_kind
 from trial_runners.memory import ActivationTracker
 
 # Tags keep the messages between one pair of ranks apart within a step.
@@ -78,6 +84,11 @@ class _StepState:
     outgoing: list[tuple[_Once, Callable[[], None]]] = field(default_factory=list)
     loss: float = 0.0
     evicted_bytes: int = 0
+    # the timeline being recorded: (label, start, end, kind) since `origin`; None when not
+    spans: list[tuple[str, float, float, str]] | None = None
+    origin: float = 0.0
+    action: Action | None = None  # the action running (a wait is labelled with it)
+    waited: float = 0.0  # when its last wait ended
 
 
 class StageExecutor:
@@ -116,22 +127,52 @@ class StageExecutor:
         self.loss_scale = loss_scale
         self.action_times = action_times
 
-    def run_step(self, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
-        """Run the program once; returns (sum of scaled micro-batch losses, evicted bytes)."""
+    def run_step(
+        self, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, timeline: float | None = None
+    ) -> tuple[float, int]:
+        """Run the program once; returns (sum of scaled micro-batch losses, evicted bytes).
+
+        With `timeline` (the step's origin, a `time.perf_counter()`), the spans are kept in
+        `self.timeline` afterwards (see the module's docstring)."""
         st = _StepState()
+        if timeline is not None:
+            st.spans, st.origin = [], timeline
         for action, release in zip(self.program, self.releases, strict=True):
+            st.action = action
             if release:
                 self._release_outgoing(st)
-            if self.action_times is None:
+            if self.action_times is None and st.spans is None:
                 self._HANDLERS[action.kind](self, st, action.mb, batch)
-            else:
-                start = time.perf_counter()
-                self._HANDLERS[action.kind](self, st, action.mb, batch)
-                self.action_times.setdefault(action.kind, []).append(time.perf_counter() - start)
+                continue
+            start = time.perf_counter()
+            self._HANDLERS[action.kind](self, st, action.mb, batch)
+            end = time.perf_counter()
+            if self.action_times is not None:
+                self.action_times.setdefault(action.kind, []).append(end - start)
+            if st.spans is not None:  # the action's own span begins where its waits end
+                begin = max(start, st.waited) - st.origin
+                st.spans.append((str(action), begin, end - st.origin, span_kind(action.kind)))
+        st.action = None
         self._release_outgoing(st)
         for work in st.sends:
-            work.wait()
+            self._wait(st, work)
+        self.timeline = st.spans
         return st.loss, st.evicted_bytes
+
+    timeline: list[tuple[str, float, float, str]] | None = None  # the last recorded step's spans
+
+    @staticmethod
+    def _wait(st: _StepState, work: _Once) -> None:
+        """Wait on a transfer; while recording, the time spent is a wait span."""
+        if st.spans is None or work.work is None:
+            work.wait()
+            return
+        start = time.perf_counter()
+        work.wait()
+        st.waited = end = time.perf_counter()
+        if end - start > 20e-6:  # a transfer already done is no wait
+            label = "wait " + (str(st.action) if st.action is not None else "sends")
+            st.spans.append((label, start - st.origin, end - st.origin, "wait"))
 
     # -- compute ------------------------------------------------------------------------------
     def _forward(self, st: _StepState, mb: int, batch: Callable) -> None:
@@ -140,7 +181,7 @@ class StageExecutor:
             x = tokens
         else:
             buf, work = st.recv_f.pop(mb)
-            work.wait()
+            self._wait(st, work)
             x = buf.requires_grad_()
         with self.tracker.capture(mb):
             out = self.module(x, targets if self.last else None)
@@ -152,7 +193,7 @@ class StageExecutor:
     def _backward(self, st: _StepState, mb: int, batch: Callable) -> None:
         if mb in st.loads:
             flat, work = st.loads.pop(mb)
-            work.wait()
+            self._wait(st, work)
             self.tracker.drop(("load", mb))
             self.tracker.unpack(mb, flat)
         out = st.outputs.pop(mb)
@@ -160,7 +201,7 @@ class StageExecutor:
             torch.autograd.backward(out * self.loss_scale)
         else:
             grad, work = st.recv_b.pop(mb)
-            work.wait()
+            self._wait(st, work)
             torch.autograd.backward(out, grad)
         self.tracker.release(mb)
         if self.first:
@@ -189,7 +230,7 @@ class StageExecutor:
     def _evict(self, st: _StepState, mb: int, batch: Callable) -> None:
         send_f = st.send_f.get(mb)
         if send_f is not None:
-            send_f.wait()  # the activation sent downstream may share these storages
+            self._wait(st, send_f)  # the activation sent downstream may share these storages
         flat = self.tracker.pack(mb)
         if flat.numel() != self.links.partner_mb_bytes:
             raise RuntimeError(
@@ -215,14 +256,14 @@ class StageExecutor:
 
     def _restore(self, st: _StepState, mb: int, batch: Callable) -> None:
         buf, work = st.stashes.pop(mb)
-        work.wait()
+        self._wait(st, work)
         send = _Once(dist.isend(buf, self.links.partner, tag=_tag(Kind.RESTORE, mb)))
         key = ("stash", mb)
         st.outgoing.append((send, lambda: self.tracker.drop(key)))
 
     def _release_outgoing(self, st: _StepState) -> None:
         for work, release in st.outgoing:
-            work.wait()
+            self._wait(st, work)
             release()
         st.outgoing.clear()
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.results import StageResult, Status, TrialResult
+from autotune.timeline import kept
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,8 +254,8 @@ def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def summarize(
     cfg: TrialConfig, ranks: list[dict[str, Any]], *, flops_per_token: float, peak_flops: float | None
-) -> dict[str, Any]:
-    """The contract's trial JSON from the per-rank results of one run."""
+) -> TrialResult:
+    """The ok trial result of one run of `cfg`, from its per-rank results (any order)."""
     steps = len(ranks[0]["step_times"])
     per_step = [max(r["step_times"][i] for r in ranks) for i in range(steps)]
     measured = per_step[1:] or per_step
@@ -265,21 +267,31 @@ def summarize(
     for s in range(cfg.pp):
         mine = [r for r in ranks if r["stage"] == s]
         stages.append(
-            {
-                "stage": s,
-                "peak_activation_bytes": max(r["peak_activation_bytes"] for r in mine),
-                "peak_memory_bytes": max(
+            StageResult(
+                stage=s,
+                peak_activation_bytes=max(r["peak_activation_bytes"] for r in mine),
+                peak_memory_bytes=max(
                     r["peak_activation_bytes"] + r["static_bytes"] + (r["device_peak_bytes"] or 0)
                     for r in mine
                 ),
-                "evicted_bytes": max(r["evicted_bytes"] for r in mine),
-            }
+                evicted_bytes=max(r["evicted_bytes"] for r in mine),
+            )
         )
-    return {
-        "step_time_s": step_time,
-        "tokens_per_s": tokens / step_time,
-        "achieved_tflops": achieved / 1e12,
-        "mfu": achieved / (peak_flops * cfg.world_size) if peak_flops else None,
-        "losses": last["losses"],
-        "stages": stages,
-    }
+    timeline = [
+        {"stage": r["stage"], "label": label, "start": start, "end": end, "kind": kind}
+        for r in sorted(ranks, key=lambda r: r["stage"])
+        if r["tp_rank"] == 0 and r["dp_rank"] == 0
+        for label, start, end, kind in r.get("timeline", ())
+    ]
+    return TrialResult(
+        status=Status.OK,
+        error=None,
+        config=cfg.to_dict(),
+        step_time_s=step_time,
+        tokens_per_s=tokens / step_time,
+        achieved_tflops=achieved / 1e12,
+        mfu=achieved / (peak_flops * cfg.world_size) if peak_flops else None,
+        losses=tuple(last["losses"]),
+        stages=tuple(stages),
+        timeline=tuple(kept(timeline)),
+    )

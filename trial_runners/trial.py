@@ -1,10 +1,12 @@
-"""`run_trial`: one short real training run of a configuration, as contracts.md's JSON."""
+"""`run_trial`: one short real training run of a configuration, as a `TrialResult` (whose
+`to_dict()` is contracts.md's JSON)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from autotune.config import TrialConfig, model_flops_per_token
+from autotune.results import Status, TrialResult
 from trial_runners.launch import run_job, summarize
 
 # Dense peak FLOP/s by device name fragment, for the precision trials run in (fp32 today).
@@ -29,7 +31,7 @@ def run_trial(
     timeout: float = 600.0,
     data_path: str | None = None,
     dump_dir: str | None = None,
-) -> dict[str, Any]:
+) -> TrialResult:
     """Run `steps` measured steps after one warm-up on world-size fresh processes."""
     run = {
         "config": cfg.to_dict(),
@@ -48,21 +50,14 @@ def trial_run(cfg: TrialConfig, *, steps: int, seed: int) -> dict[str, Any]:
 
 
 def trial_result(
-    cfg: TrialConfig, status: str, error: str | None, ranks: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The contract's trial JSON from a job's status and its ranks' results (any order)."""
-    result: dict[str, Any] = {"status": status, "error": error, "config": cfg.to_dict()}
-    if status != "ok":
-        result.update(
-            step_time_s=None, tokens_per_s=None, achieved_tflops=None, mfu=None, losses=[], stages=[]
-        )
-        return result
-    result.update(
-        summarize(
-            cfg,
-            ranks,
-            flops_per_token=model_flops_per_token(cfg.model, recompute=cfg.recompute),
-            peak_flops=device_peak_flops(cfg.device),
-        )
+    cfg: TrialConfig, status: Status | str, error: str | None, ranks: list[dict[str, Any]]
+) -> TrialResult:
+    """The trial's result from a job's status and its ranks' results (any order)."""
+    if status != Status.OK:
+        return TrialResult.failure(cfg.to_dict(), status=status, reason=error)
+    return summarize(
+        cfg,
+        ranks,
+        flops_per_token=model_flops_per_token(cfg.model, recompute=cfg.recompute),
+        peak_flops=device_peak_flops(cfg.device),
     )
-    return result

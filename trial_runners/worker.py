@@ -141,6 +141,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
     )
     times, losses, evicted = _train(run, cfg, me, executor, dp_group, device)
+    timeline = executor.timeline or []
     result = {
         "rank": rank,
         "stage": me.pp,
@@ -153,6 +154,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         "step_times": times,
         "losses": losses,
         "device_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "timeline": [[label, start, end, kind] for label, start, end, kind in timeline],
     }
     (out_dir / f"run{run_index}.rank{rank}.json").write_text(json.dumps(result))
 
@@ -184,13 +186,16 @@ def _train(
     dp_group: Any,
     device: torch.device,
 ) -> tuple[list[float], list[float], int]:
-    """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step)."""
+    """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step).
+    The last step's timeline is recorded (`executor.timeline`), from the moment the ranks leave
+    its barrier."""
     params = list(executor.module.parameters())
     optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-3))
     times: list[float] = []
     losses: list[float] = []
     evicted = 0
-    for step in range(int(run.get("steps", 3)) + 1):
+    last = int(run.get("steps", 3))
+    for step in range(last + 1):
         tokens, targets = batch_for_step(
             cfg.model,
             seed=run.get("seed", 0),
@@ -209,7 +214,7 @@ def _train(
         start = time.perf_counter()
         _inject_fault(run["config"], me.rank, step)
         optimizer.zero_grad(set_to_none=True)
-        loss, evicted = executor.run_step(batch)
+        loss, evicted = executor.run_step(batch, timeline=start if step == last else None)
         if dp_group is not None:
             _all_reduce_grads(params, dp_group)
             loss_t = torch.tensor([loss], device=device)

@@ -117,7 +117,7 @@ def estimate(
     )
     result["exposed_transfer_s"] = exposed
     if record:
-        result["timeline"] = [span.__dict__ for span in sim.spans]
+        result["timeline"] = [span.to_dict() for span in sim.spans]
     return result
 
 

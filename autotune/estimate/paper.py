@@ -23,8 +23,9 @@ from autotune.estimate.estimator import estimate, memory_cap
 from autotune.estimate.profiles import Profile
 
 
-def _per_token_time(cfg: TrialConfig, cluster: ClusterSpec, profile: Profile | None) -> float:
-    """A middle stage's compute time per micro-batch token: 1 / MFU up to a constant."""
+def per_token_time(cfg: TrialConfig, cluster: ClusterSpec, profile: Profile | None) -> float:
+    """A middle stage's compute time per micro-batch token (forward + backward): 1 / MFU up to a
+    constant."""
     costs = stage_costs(cfg, cluster, profile=profile)
     mid = costs[len(costs) // 2]
     return (mid.fwd + mid.bwd) / cfg.micro_batch_size
@@ -63,12 +64,16 @@ def paper_estimate(
     found = baseline_micro_batch(cfg, cluster, profile)
     if found is None:
         cap = memory_cap(cfg, cluster)
-        return {"baseline": None, "reason": f"no 1F1B micro-batch size fits {cap} bytes per device"}
+        return {
+            "baseline": None,
+            "reason": f"no 1F1B micro-batch size fits {cap / 2**20:,.1f} MiB per device at recompute "
+            f"{cfg.recompute} (the method compares micro-batch sizes, not recomputation)",
+        }
     base, ours_base = found
     ours = estimated or estimate(cfg, cluster, profile=profile)
     p = cfg.pp
     m0, m1 = base.num_microbatches, cfg.num_microbatches
-    mfu_ratio = _per_token_time(base, cluster, profile) / _per_token_time(cfg, cluster, profile)
+    mfu_ratio = per_token_time(base, cluster, profile) / per_token_time(cfg, cluster, profile)
     bubble_ratio = (m1 / (m1 + p - 1)) / (m0 / (m0 + p - 1))
     return {
         "baseline": base.to_dict(),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from autotune.schedules.ir import Action, Kind, Schedule
 from autotune.schedules.memory import peak_resident, release_points
 from autotune.schedules.render import grid
+from autotune.timeline import Span
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,6 @@ class StageCosts:
     static_bytes: int = 0
     tail: float = 0.0
     post: float = 0.0
-
-
-@dataclass(frozen=True)
-class Span:
-    """One interval of the timeline: a compute action on a stage, or a transfer on a link."""
-
-    stage: int
-    label: str
-    start: float
-    end: float
-    kind: str  # "compute" | "transfer" | "wait"
-    peer: int | None = None
 
 
 @dataclass

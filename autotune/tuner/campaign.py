@@ -17,6 +17,9 @@ from typing import Any, Protocol
 
 import optuna
 
+from autotune.config import BASELINES, TrialConfig
+from autotune.results import TrialResult
+from autotune.timeline import kept
 from autotune.tuner.calibration import Calibration, KnobCorrection
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of
 from autotune.tuner.study import abandon, open_study, params_of, skip, stale_numbers, tell
@@ -29,7 +32,7 @@ class Done(Protocol):
     """A finished trial as a dispatcher reports it (trial_runners.dispatch.Finished)."""
 
     key: Any
-    result: dict[str, Any]
+    result: TrialResult
     attempt: int
     worker: str | None
 
@@ -67,7 +70,7 @@ class Campaign:
         self, *, store: Store, study: str, screening: Screening, knobs: dict[str, tuple[Any, ...]],
         fingerprint: str, objective: str, steps: int, trial_timeout: float, seed_top: int,
         limits: Limits, rerun: bool = False, seed: int = 0, echo: Callable[[str], None] = print,
-        lease: Any = None,
+        lease: Any = None, simulate: Callable[[TrialConfig], list[dict[str, Any]]] | None = None,
     ) -> None:  # fmt: skip
         self.store, self.name, self.fingerprint = store, study, fingerprint
         self.candidates = screening.by_knobs()
@@ -77,12 +80,18 @@ class Campaign:
         self.steps, self.trial_timeout, self.seed_top = steps, trial_timeout, seed_top
         self.limits, self.rerun, self.seed, self.echo = limits, rerun, seed, echo
         self.lease = lease  # the study's lease (storage.lease.HeldLease): `lost` if taken over
+        self.simulate = simulate  # a configuration's simulated timeline, kept beside the measured one
         self.running: dict[int, _Running] = {}
         self.known: dict[tuple[Any, ...], TrialRecord] = {}
         self.calibration = Calibration()
         self.correction = KnobCorrection()
         self.exhausted = False
         self.turns = 0
+        self.queued: set[tuple[Any, ...]] = set()  # counterparts and headline sides put in the queue
+        schedules = {c.config.schedule for c in screening.fitting}
+        # the space holds BPipe and a baseline: the campaign measures pairs for the verdict
+        self.pairing = "bpipe" in schedules and bool(schedules & set(BASELINES))
+        self.budget_note: str | None = None
         self.durations: list[float] = []
 
     # -- set-up ---------------------------------------------------------------------------
@@ -150,7 +159,7 @@ class Campaign:
         return self.limits.concurrency or 10**6
 
     def _fill(self, study: optuna.Study, dispatcher: Dispatcher) -> None:
-        while dispatcher.running < self._capacity() and not self._stopping():
+        while dispatcher.running < self._capacity() and not self._stopping(study):
             candidate, trial = self._propose(study)
             if candidate is None or trial is None:
                 return
@@ -226,8 +235,11 @@ class Campaign:
     # -- results --------------------------------------------------------------------------
     def _finish(self, study: optuna.Study, done: Done) -> None:
         run = self.running.pop(done.key)
+        simulated = self._simulated(run.candidate, done.result)
         try:  # recorded before anything else
-            rec = self.store.finish_trial(done.key, done.result, attempt=done.attempt, worker=done.worker)
+            rec = self.store.finish_trial(
+                done.key, done.result, attempt=done.attempt, worker=done.worker, simulated=simulated
+            )
         except FinishedTrialError:  # closed meanwhile by a campaign that took the study over
             self.echo(f"trial {done.key} was closed by another campaign; its result is dropped")
             skip(study, run.trial, "closed by another campaign")
@@ -236,6 +248,7 @@ class Campaign:
         self.known[run.candidate.knobs] = rec
         value = self._value(rec)
         tell(study, run.trial, value, source="trial", trial_id=rec.id, status=rec.status)
+        self._queue_counterpart(study, run.candidate)
         error = self._calibrate(rec)
         if rec.status == "ok":
             pred = objective_of(run.candidate.predicted, self.objective)
@@ -246,6 +259,17 @@ class Campaign:
         self.echo(f"trial {rec.id} {rec.status}: {describe(rec.config)} -> {what}")
         self.echo(self.progress())
 
+    def _simulated(self, candidate: Candidate, result: TrialResult) -> list[dict[str, Any]] | None:
+        """The simulator's timeline of a measured configuration (None where none is wanted or
+        the simulator cannot replay it: the measurement is recorded all the same)."""
+        if self.simulate is None or not result.ok:
+            return None
+        try:
+            return kept(self.simulate(candidate.config)) or None
+        except Exception as exc:  # noqa: BLE001 - a timeline is never worth losing a trial
+            self.echo(f"no simulated timeline for {describe(candidate.config.to_dict())}: {exc}")
+            return None
+
     def _calibrate(self, rec: TrialRecord) -> float | None:
         predicted = (rec.predicted or {}).get("step_time_s")
         if rec.status != "ok" or not predicted or not rec.step_time_s:
@@ -255,20 +279,88 @@ class Campaign:
         self.correction.add(knobs, predicted, rec.step_time_s)
         return self.calibration.add(predicted, rec.step_time_s, prior_log_factor=prior)
 
+    # -- pairs for the BPipe verdict ------------------------------------------------------------
+    def _is_bpipe(self, key: tuple[Any, ...]) -> bool:
+        return params_of(key)["schedule"] == "bpipe"
+
+    def _queue(self, study: optuna.Study, key: tuple[Any, ...], why: str) -> None:
+        self.queued.add(key)
+        study.enqueue_trial(params_of(key), user_attrs={"seeded": why})
+        self.echo(f"queued {describe(self.candidates[key].config.to_dict())}: {why}")
+
+    def _open_keys(self) -> set[tuple[Any, ...]]:
+        busy = {r.candidate.knobs for r in self.running.values()}
+        return {k for k in self.ranked if k not in self.known and k not in busy and k not in self.queued}
+
+    def _queue_counterpart(self, study: optuna.Study, done: Candidate) -> None:
+        """After a BPipe (or baseline) trial at a layout, queue the best-predicted baseline (or
+        BPipe) configuration there, unless that side of the layout is measured, running or queued:
+        every layout the campaign touches becomes a measured pair."""
+        if not self.pairing:
+            return
+        layout = done.knobs[:3]  # tp, pp, dp
+        other = [
+            k for k in self.ranked if k[:3] == layout and self._is_bpipe(k) != self._is_bpipe(done.knobs)
+        ]
+        busy = {r.candidate.knobs for r in self.running.values()}
+        if not other or any(k in self.known or k in busy or k in self.queued for k in other):
+            return
+        best = max(other, key=self._corrected)
+        self._queue(study, best, "counterpart at its layout")
+
+    def _headline(self) -> list[tuple[Any, ...]]:
+        """The best BPipe and the best baseline configuration, each valued by its measurement
+        where it ran and by the corrected prediction where not; those not yet measured."""
+
+        def value(key: tuple[Any, ...]) -> float:
+            rec = self.known.get(key)
+            return (self._value(rec) or 0.0) if rec is not None else self._corrected(key)
+
+        sides = []
+        for is_bpipe in (True, False):
+            keys = [k for k in self.ranked if self._is_bpipe(k) == is_bpipe and (
+                k not in self.known or self._value(self.known[k]) is not None)]  # fmt: skip
+            if keys:
+                sides.append(max(keys, key=value))
+        return [k for k in sides if k not in self.known]
+
+    def _measure_headline(self, study: optuna.Study) -> bool:
+        """Before stopping for lack of improvement: queue the headline pair's unmeasured sides;
+        True if anything was queued (the campaign goes on for them)."""
+        if not self.pairing:
+            return False
+        missing = [k for k in self._headline() if k in self._open_keys()]
+        for key in missing:
+            self._queue(study, key, "the BPipe verdict's headline pair")
+        return bool(missing)
+
     # -- stopping and reporting -----------------------------------------------------------
     def _real(self) -> list[TrialRecord]:
         return [r for r in self.store.trials(study=self.name) if r.finished and r.error != "interrupted"]
 
-    def _stopping(self) -> bool:
+    def _stopping(self, study: optuna.Study | None = None) -> bool:
         lim = self.limits
         if self.exhausted or self._lost():
             return True
         if lim.timeout is not None and time.monotonic() - self.started >= lim.timeout:
+            self._note_budget("the time limit")
             return True
         real = self._real()
         if lim.trials is not None and len(real) + len(self.running) >= lim.trials:
+            self._note_budget("the trial budget")
             return True
-        return lim.patience is not None and self._since_best(real) >= lim.patience
+        if lim.patience is None or self._since_best(real) < lim.patience:
+            return False
+        queued = any(k in self.queued and k not in self.known for k in self.ranked)
+        return not (queued or (study is not None and self._measure_headline(study)))
+
+    def _note_budget(self, what: str) -> None:
+        """Say once when a limit stops the campaign before the headline pair is measured."""
+        if self.pairing and self.budget_note is None:
+            missing = [describe(self.candidates[k].config.to_dict()) for k in self._headline()]
+            if missing:
+                self.budget_note = (f"{what} ran out before the BPipe verdict's headline pair was measured: "
+                                    f"{'; '.join(missing)} rest(s) on a prediction")  # fmt: skip
 
     def _since_best(self, real: list[TrialRecord]) -> int:
         best, since = None, 0
@@ -284,6 +376,10 @@ class Campaign:
         return bool(self.lease is not None and self.lease.lost)
 
     def _stop_reason(self) -> str:
+        reason = self._why_stopped()
+        return f"{reason}\n{self.budget_note}" if self.budget_note else reason
+
+    def _why_stopped(self) -> str:
         lim, real = self.limits, self._real()
         if self._lost():
             return "stopped: another campaign took the study over (this one's lease lapsed)"

@@ -16,6 +16,7 @@ from typing import Any
 
 from autotune.errors import ConfigError
 from autotune.estimate.clusters import CPU_LOCAL, load_cluster
+from autotune.estimate.estimator import estimate
 from autotune.estimate.profiles import Profile, check_compatible, parse_profile
 from autotune.tuner.campaign import Campaign, Limits, describe
 from autotune.tuner.screen import Screening, screen
@@ -35,6 +36,7 @@ class TuneOptions:
     device: str | None = None
     rerun: bool = False
     seed: int = 0
+    screen_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
     space = loaded.space
     study_name = options.study or space.name
     _check_store(options.storage, study_name)
+    if options.screen_only:
+        return screen_only(loaded, options, study_name, echo)
     from storage import Store
     from storage.lease import hold
 
@@ -173,12 +177,66 @@ def tune(space_path: str, options: TuneOptions, *, echo: Callable[[str], None] =
                 fingerprint=fingerprint, objective=space.objective, steps=space.steps,
                 trial_timeout=space.trial_timeout, seed_top=space.seed_top, limits=limits,
                 rerun=options.rerun, seed=options.seed, echo=echo, lease=lease,
+                simulate=lambda cfg: estimate(cfg, cluster, profile=profile, record=True)["timeline"],
             )  # fmt: skip
             best = campaign.run(dispatcher)
             if best is not None:
                 value = getattr(best, space.objective)
                 echo(f"best: {describe(best.config)} -> {value:,.0f} {space.objective}")
-            return best
+    report_verdict(options.storage, study_name, echo)
+    return best
+
+
+def planned_fingerprint(space: SearchSpace) -> dict[str, Any]:
+    """The hardware a screened-only study is for: this machine where the space runs on its CPU
+    (its trials would run here), else the cluster the space names (not at hand: planned)."""
+    if space.device == "cpu" and space.cluster == CPU_LOCAL:
+        from trial_runners.fingerprint import hardware_fingerprint
+
+        return hardware_fingerprint("cpu")
+    return {"planned": True, "cluster": space.cluster, "device": space.device}
+
+
+def screen_only(loaded: Loaded, options: TuneOptions, study: str, echo: Callable[[str], None]) -> Any:
+    """`autotune tune --screen-only`: tier 1 alone, recorded as a study (its predictions), with no
+    trial and no Ray, so `autotune best` and `autotune advise --study` answer from predictions:
+    how a GPU run is sized from a laptop. On this CPU a profile already in the store is used."""
+    from storage import Store
+    from storage.lease import hold
+
+    ready = screened(loaded)
+    space, screening = ready.space, ready.screening
+    with Store(options.storage) as store, hold(store, study):
+        fingerprint = store.register_fingerprint(planned_fingerprint(space))
+        store.create_study(
+            study, space=space.source, model=space.model.name, cluster=space.cluster, fingerprint=fingerprint
+        )
+        stored = store.profile(fingerprint, space.model.name) if space.cluster == CPU_LOCAL else None
+        if stored is not None:
+            profile = parse_profile(stored)
+            cluster = load_cluster(space.cluster, comm=profile.comm) if profile.comm else ready.cluster
+            screening = screen(ready.configs, cluster, objective=space.objective, profile=profile)
+        _report_screening(space, screening, ready.rejected, echo)
+        store.save_predictions(study, [(c.config.to_dict(), c.predicted) for c in screening.fitting])
+    echo(f"screened only: study {study!r} holds {len(screening.fitting)} predictions and no trial")
+    report_verdict(options.storage, study, echo)
+    return screening.fitting[0] if screening.fitting else None
+
+
+def report_verdict(storage: str, study: str, echo: Callable[[str], None]) -> None:
+    """The campaign's last words: the BPipe verdict for the study (`autotune advise --study`)."""
+    from autotune.advise import bpipe_payoff
+
+    try:
+        advice = bpipe_payoff(storage=storage, study=study)
+    except ConfigError as exc:
+        echo(f"BPipe verdict: none ({exc.rule})")
+        return
+    lo, hi = advice.interval
+    echo(
+        f"BPipe verdict: {advice.verdict} ({advice.predicted_speedup:.3f}x, 80% interval {lo:.3f}-{hi:.3f}, "
+        f"from {advice.basis}); `autotune advise --study {study}` for the reasons"
+    )
 
 
 def _check_store(url: str, study: str) -> None:

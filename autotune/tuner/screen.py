@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.config import TrialConfig
+from autotune.config import KNOBS, TrialConfig
 from autotune.estimate.clusters import ClusterSpec
 from autotune.estimate.estimator import estimate_many
 from autotune.estimate.profiles import Profile
@@ -24,7 +24,7 @@ class Candidate:
         return knob_key(self.config.to_dict())
 
 
-KNOB_FIELDS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
+KNOB_FIELDS = KNOBS
 
 
 def knob_key(config: dict[str, Any]) -> tuple[Any, ...]:

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from autotune import config
-from autotune.config import MODEL_FIELDS, ModelSpec, TrialConfig, load_model, parse_bytes
+from autotune.config import KNOBS, MODEL_FIELDS, ModelSpec, TrialConfig, load_model, parse_bytes
 from autotune.errors import ConfigError, key_name
 from autotune.estimate.clusters import CPU_LOCAL, ClusterSpec, load_cluster
 from autotune.files import MAX_YAML_BYTES, load_yaml, read_text
 from autotune.limits import MAX_COUNT, MAX_SECONDS, MAX_SPACE_COMBINATIONS, check_bound, check_space_cells
 
-KNOBS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
 DEFAULT_KNOBS: dict[str, tuple[Any, ...]] = {
     "tp": (1,), "pp": (1,), "dp": (1,), "micro_batch_size": (1,),
     "schedule": ("1f1b",), "recompute": ("none",), "flash_attention": (True,),

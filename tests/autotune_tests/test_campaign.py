@@ -233,3 +233,33 @@ def test_measured_configurations_are_answered_from_the_store_in_another_study(tm
         first, second = _done(store.trials(study="first")), _done(store.trials(study="second"))
     assert len(first) == 3 and len(second) == 3
     assert not {t.config_hash for t in first} & {t.config_hash for t in second}
+
+
+PAIRED = """\
+name: paired
+model: tiny-gpt
+cluster: cpu-local
+global_batch_size: 8
+max_world_size: 4
+knobs:
+  pp: [4]
+  micro_batch_size: [1, 2]
+  schedule: [1f1b, bpipe]
+trial: {steps: 1, timeout: 120}
+search: {seed_top: 1, concurrency: 1}
+"""
+
+
+def test_a_campaign_measures_each_trials_counterpart_and_ends_with_the_verdict(tmp_path: Path) -> None:
+    """Where the space holds BPipe and a baseline, the trial after any measured configuration is
+    its best-predicted counterpart at the same layout, so the verdict rests on a measured pair."""
+    path = tmp_path / "paired.yaml"
+    path.write_text(PAIRED)
+    url = f"sqlite:///{tmp_path / 'paired.db'}"
+    out = _finish(_start(str(path), url, "--trials", "2"))
+    assert "queued tp1 pp4 dp1" in out and "counterpart at its layout" in out, out
+    first, second = sorted(_done(_trials(url, "paired")), key=lambda t: t.id)
+    assert (first.config["schedule"] == "bpipe") != (second.config["schedule"] == "bpipe")
+    assert [first.config[k] for k in ("tp", "pp", "dp")] == [second.config[k] for k in ("tp", "pp", "dp")]
+    verdict = [line for line in out.splitlines() if line.startswith("BPipe verdict:")]
+    assert verdict and "autotune advise --study paired" in verdict[0], out

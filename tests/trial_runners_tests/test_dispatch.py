@@ -32,7 +32,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(two_nodes: str) -> None:
         assert d.running == 2
         done = _drain(d)
     assert sorted(f.key for f in done) == [0, 1]
-    assert all(f.result["status"] == "ok" for f in done), [f.result["error"] for f in done]
+    assert all(f.result.ok for f in done), [f.result.error for f in done]
     nodes = {f.worker.split("/")[1] for f in done if f.worker}
     assert len(nodes) == 2
 
@@ -42,13 +42,14 @@ def test_a_lost_worker_is_retried_once_then_failed(monkeypatch: pytest.MonkeyPat
     with RayDispatcher(num_cpus=2) as d:
         d.submit("retried", _config(pp=2), steps=1, seed=0, timeout=120)
         (once,) = _drain(d)
-    assert once.result["status"] == "ok" and once.attempt == 2
+    assert once.result.status == "ok" and once.attempt == 2
     monkeypatch.setenv("AUTOTUNE_INJECT_FAULT", "lost@0:pp=2;lost@1:pp=2")
     with RayDispatcher(num_cpus=2) as d:
         d.submit("lost-twice", _config(pp=2), steps=1, seed=0, timeout=120)
         (twice,) = _drain(d)
-    assert twice.result["status"] == "failed" and twice.attempt == 2
-    assert "worker lost" in twice.result["error"] and "after one retry" in twice.result["error"]
+    assert twice.result.status == "failed" and twice.attempt == 2
+    assert twice.result.error is not None
+    assert "worker lost" in twice.result.error and "after one retry" in twice.result.error
 
 
 def test_a_trial_wider_than_any_node_spans_nodes_and_trains_as_on_one(two_nodes: str) -> None:
@@ -60,11 +61,11 @@ def test_a_trial_wider_than_any_node_spans_nodes_and_trains_as_on_one(two_nodes:
     with RayDispatcher(address=two_nodes) as d:
         d.submit("wide", config, steps=1, seed=3, timeout=120)
         (done,) = _drain(d)
-    assert done.result["status"] == "ok", done.result["error"]
+    assert done.result.status == "ok", done.result.error
     assert done.worker is not None and len(done.worker.split(",")) == 2  # one part per node
-    assert done.result["losses"] == local["losses"]
-    assert [s["peak_activation_bytes"] for s in done.result["stages"]] == [
-        s["peak_activation_bytes"] for s in local["stages"]
+    assert done.result.losses == local.losses
+    assert [s.peak_activation_bytes for s in done.result.stages] == [
+        s.peak_activation_bytes for s in local.stages
     ]
 
 
@@ -76,7 +77,7 @@ def test_a_rank_dying_on_one_node_fails_the_spanning_trial_at_once(
     with RayDispatcher(address=two_nodes) as d:
         d.submit("wide", _config(pp=2, num_microbatches=4), steps=1, seed=0, timeout=300)
         (done,) = _drain(d)
-    assert done.result["status"] == "failed" and "rank 1 died" in done.result["error"]
+    assert done.result.status == "failed" and "rank 1 died" in (done.result.error or "")
     assert time.monotonic() - started < 120  # the other node's ranks were not left to time out
 
 
@@ -89,4 +90,4 @@ def test_a_trial_queued_for_resources_is_not_timed_out_by_its_wait() -> None:
             d.submit(key, _config(pp=2), steps=1, seed=key, timeout=12)
         done = _drain(d)
     assert sorted(f.key for f in done) == [0, 1, 2, 3]
-    assert all(f.result["status"] == "ok" for f in done), [f.result["error"] for f in done]
+    assert all(f.result.ok for f in done), [f.result.error for f in done]

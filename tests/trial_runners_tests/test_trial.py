@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from autotune.config import TrialConfig, load_model
+from tests.autotune_tests.test_results import CONTRACT_KEYS
 from trial_runners.trial import run_trial
 
 TRIAL = [sys.executable, "-m", "autotune.cli", "trial", "--device", "cpu"]
@@ -69,6 +70,7 @@ def test_json_contract() -> None:
         "2",
     )
     assert out["status"] == "ok" and out["error"] is None
+    assert list(out) == list(CONTRACT_KEYS)
     cfg = out["config"]
     assert cfg["model"] == "tiny-llama" and cfg["world_size"] == 2 and cfg["num_microbatches"] == 4
     assert cfg["flash_attention"] is True and cfg["recompute"] == "none" and cfg["device"] == "cpu"
@@ -115,6 +117,26 @@ def test_memory_limit_between_peaks_ooms_1f1b_and_trains_bpipe() -> None:
     assert capped["bpipe"]["losses"] == free["1f1b"]["losses"]  # same training, less memory
     assert capped["bpipe"]["stages"][0]["evicted_bytes"] > 0
     assert not worker_pids()
+    for schedule, result in free.items():  # the last measured step, recorded on every stage
+        _check_timeline(result["timeline"], pp=4, m=8, bpipe=schedule == "bpipe")
+
+
+def _check_timeline(spans: list[dict], *, pp: int, m: int, bpipe: bool) -> None:
+    """Each stage runs every forward and backward once, in its program's order, spans never
+    overlap on a stage, and BPipe's evictions show as transfers on the evicting stages."""
+    from autotune.schedules import generate
+    from autotune.timeline import KINDS, Span
+
+    program = generate("bpipe" if bpipe else "1f1b", pp, m).programs
+    for stage in range(pp):
+        mine = sorted((Span.from_dict(s) for s in spans if s["stage"] == stage), key=lambda s: s.start)
+        assert mine and {s.kind for s in mine} <= set(KINDS)
+        actions = [s.label for s in mine if s.kind != "wait"]
+        assert actions == [str(a) for a in program[stage]]
+        assert all(a.end <= b.start + 1e-6 for a, b in zip(mine, mine[1:], strict=False))
+        assert mine[0].start >= 0
+    evictions = [s for s in spans if s["label"].startswith("EV")]
+    assert bool(evictions) == bpipe and all(s["kind"] == "transfer" for s in evictions)
 
 
 @pytest.mark.parametrize(
@@ -132,9 +154,9 @@ def test_faults_are_recorded_and_leave_no_process(
     cfg = TrialConfig(model=load_model("tiny-gpt"), pp=2, num_microbatches=2)
     started = time.monotonic()
     result = run_trial(cfg, steps=1, timeout=15)
-    assert result["status"] == status
-    assert reason in result["error"]
-    assert result["step_time_s"] is None and result["stages"] == []
+    assert result.status == status
+    assert result.error is not None and reason in result.error
+    assert result.step_time_s is None and result.stages == ()
     assert time.monotonic() - started < 60
     assert not worker_pids()
 
