@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
         ("benchmarks.bench_search", ["--quick"], "tuner median <= 25% of the space's configurations"),
         ("benchmarks.paper_cases", ["--models", "llama-65b"], "without recomputation 1F1B fits"),
         ("benchmarks.bench_limits", ["--quick"], "estimate: slowest"),
+        ("benchmarks.bench_advise", [], "80% interval covers the measured speedup"),
+        ("benchmarks.bench_dashboard", ["--quick"], "first chart in Chromium"),
     ],
 )
 def test_benchmark_runs(module: str, args: list[str], expect: str) -> None:
