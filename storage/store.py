@@ -330,15 +330,19 @@ class Store(BaseStore):
                 where.append(Trial.status == status)
             for knob, value in (knobs or {}).items():
                 where.append(_knob_equals(knob, value))
-            ids = select(Trial.id).join(Trial.config).where(*where)
-            total = s.scalar(select(func.count()).select_from(ids.subquery())) or 0
             key = getattr(Trial, sort) if sort in PAGE_SORTS else _knob_column(sort)
             order = [key.desc() if descending else key.asc(), Trial.id.desc() if descending else Trial.id]
             if sort in PAGE_SORTS and sort != "id":  # trials without the value come last either way
                 order.insert(0, key.is_(None))
-            page = s.scalars(ids.order_by(*order).offset(offset).limit(limit)).all()
-            if not page:
-                return total, []
+            # one pass: the page and, beside each row, how many match (a window count)
+            query = select(Trial.id, func.count().over()).join(Trial.config).where(*where)
+            found = s.execute(query.order_by(*order).offset(offset).limit(limit)).all()
+            if not found:  # past the end: count alone
+                counted = select(func.count()).select_from(
+                    select(Trial.id).join(Trial.config).where(*where).subquery()
+                )
+                return int(s.scalar(counted) or 0), []
+            total, page = int(found[0][1]), [row[0] for row in found]
             rows = s.scalars(_trial_query().where(Trial.id.in_(page))).unique().all()
             by_id = {r.id: conv.trial_record(r) for r in rows}
             return total, [by_id[i] for i in page]
@@ -346,18 +350,18 @@ class Store(BaseStore):
     def trial_points(self, study: str, *, answering: bool = False) -> list[dict[str, Any]]:
         knobs = [_knob_column(k).label(k) for k in PAGE_KNOBS]
         cols = (Trial.id, Trial.status, Trial.started_at, Trial.finished_at, Trial.tokens_per_s,
-                Trial.step_time_s, Trial.mfu, Trial.predicted)  # fmt: skip
-        with self._session(write=False) as s:
-            query = select(*cols, Trial.study_id, *knobs).join(Trial.config)
+                Trial.step_time_s, Trial.mfu, Trial.study_id,
+                Trial.predicted["tokens_per_s"].as_float().label("predicted_tokens_per_s"),
+                Trial.predicted["step_time_s"].as_float().label("predicted_step_time_s"))  # fmt: skip
+        with self._session(write=False) as s:  # values taken out of the JSON by the database
             sid = self._study_id(s, study)
-            query = query.where(self._of_study(s, study, answering)).order_by(Trial.id)
+            query = select(*cols, *knobs).join(Trial.config)
+            result = s.execute(query.where(self._of_study(s, study, answering)).order_by(Trial.id))
+            names = list(result.keys())
             out = []
-            for row in s.execute(query):
-                point = row._asdict()
+            for row in result:
+                point = dict(zip(names, row, strict=True))
                 point["own"] = point.pop("study_id") == sid
-                predicted = point.pop("predicted") or {}
-                point["predicted_tokens_per_s"] = predicted.get("tokens_per_s")
-                point["predicted_step_time_s"] = predicted.get("step_time_s")
                 out.append(point)
             return out
 

@@ -193,11 +193,13 @@ def create_app(store: Any) -> FastAPI:
     def api_studies() -> dict[str, Any]:
         return studies()
 
-    @app.get("/api/studies/{name}", summary="One study, with every trial as a chart point")
-    def api_study(name: str) -> dict[str, Any]:
-        return data.study(store, name)
+    @app.get("/api/studies/{name}", summary="One study, with every trial as a chart point",
+             response_model=dict[str, Any])  # fmt: skip
+    def api_study(name: str) -> Response:
+        return JSONResponse(data.study(store, name))  # plain JSON already: no re-encoding of every point
 
-    @app.get("/api/studies/{name}/trials", summary="A page of a study's trials, sorted and filtered")
+    @app.get("/api/studies/{name}/trials", summary="A page of a study's trials, sorted and filtered",
+             response_model=dict[str, Any])  # fmt: skip
     def api_trials(
         request: Request,
         name: str,
@@ -213,12 +215,13 @@ def create_app(store: Any) -> FastAPI:
         schedule: Annotated[str | None, Query(max_length=32)] = None,
         recompute: Annotated[str | None, Query(max_length=32)] = None,
         flash_attention: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> Response:
         knobs = {k: v for k, v in (("tp", tp), ("pp", pp), ("dp", dp), ("micro_batch_size", micro_batch_size),
                                    ("schedule", schedule), ("recompute", recompute),
                                    ("flash_attention", flash_attention)) if v is not None}  # fmt: skip
-        return data.trials(store, name, offset=offset, limit=limit, sort=sort, order=order, status=status,
+        page = data.trials(store, name, offset=offset, limit=limit, sort=sort, order=order, status=status,
                            knobs=knobs)  # fmt: skip
+        return JSONResponse(page)
 
     @app.get("/api/studies/{name}/advice", summary="The BPipe verdict (autotune advise --json)")
     def api_advice(name: str) -> dict[str, Any]:

@@ -131,7 +131,9 @@ def test_sigint_and_sigterm_mid_trial_stop_the_campaign_cleanly(tmp_path: Path) 
     interrupted, no process of the campaign's session and no trial folder left; a last rerun
     keeps every finished trial."""
     name = "signals"
-    space, url, tmp = _space(tmp_path, name, timeout=15), f"sqlite:///{tmp_path / 'sig.db'}", tmp_path / "tmp"
+    # a hanging trial times out after 30 s: the window in which the signal must arrive (15 s was
+    # missed once on a loaded CI machine, the campaign finishing before the test saw the hang)
+    space, url, tmp = _space(tmp_path, name, timeout=30), f"sqlite:///{tmp_path / 'sig.db'}", tmp_path / "tmp"
     _stop_mid_trial(space, url, tmp, name, signal.SIGINT, 130)
     finished = _stop_mid_trial(space, url, tmp, name, signal.SIGTERM, 143)
     finished = {t.id: t for t in _trials(url, name) if t.finished and t.error != "interrupted"}

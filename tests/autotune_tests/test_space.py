@@ -16,7 +16,11 @@ from autotune.estimate.clusters import load_cluster
 from autotune.estimate.estimator import estimate_many
 from autotune.tuner.space import KNOBS, load_space, parse_duration, space_from_dict, space_names
 
-SHIPPED = ["demo-cpu", "gpt3-65b-a100", "gpt3-65b-h100", "llama-65b-a100", "llama-65b-h100"]
+SHIPPED = [
+    "bpipe-explicit-cpu", "bpipe-flash-cpu", "demo-cpu", "gpt3-65b-a100", "gpt3-65b-h100", "llama-65b-a100",
+    "llama-65b-h100", "paper-gpt3-flash-off", "paper-gpt3-flash-on", "paper-llama-flash-off",
+    "paper-llama-flash-on",
+]  # fmt: skip
 
 # tiny-gpt: 4 layers, 4 heads, ffn 256. 2 x 3 x 2 x 2 x 2 = 48 combinations.
 SMALL: dict[str, Any] = {

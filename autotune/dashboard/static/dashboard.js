@@ -98,11 +98,34 @@
           y: notOk.map(() => 0), customdata: notOk.map((p) => p.id), text: notOk.map((p) => p.status),
           marker: { symbol: "x", color: KIND_COLORS.wait } },
       ];
-      if (own.length === 0) message("chart-progress", "no trial has run in this study (screened only)");
-      else plot("chart-progress", progress, layout("progress: " + objective + " over time",
-        { xaxis: { title: { text: "finished" } }, yaxis: { title: { text: objective } } })).then(goToTrial);
+      [progress[0], progress[2]].forEach((trace) => {  // markers: an even sample of a large study
+        const shown = thin(trace.x.length);
+        ["x", "y", "customdata", "text"].forEach((k) => { if (trace[k]) trace[k] = shown(trace[k]); });
+      });
+      const title = "progress: " + objective + " over time" + (ok.length + notOk.length > MAX_SHOWN ? ` (an even sample of ${ok.length + notOk.length} trials drawn)` : "");
+      const first = own.length === 0
+        ? Promise.resolve(message("chart-progress", "no trial has run in this study (screened only)"))
+        : plot("chart-progress", progress, layout(title,
+          { xaxis: { title: { text: "finished" } }, yaxis: { title: { text: objective } } })).then(goToTrial);
+      // the other charts and the verdict after the first chart is on screen
+      first.then(() => new Promise((done) => setTimeout(done, 0))).then(() => drawRest(study, objective, base));
+    }).catch((err) => ["chart-progress", "chart-accuracy", "chart-knobs", "chart-parallel"].forEach((id) => fail(id)(err)));
+  }
 
-      const paired = study.points.filter((p) => p.tokens_per_s && p.predicted_tokens_per_s);
+  // At most this many markers a chart: SVG slows past a few thousand; a larger study is drawn
+  // from an even sample (the title says so), the best-so-far line from every trial.
+  const MAX_SHOWN = 2000;
+
+  function thin(n, most = MAX_SHOWN) {
+    if (n <= most) return (xs) => xs;
+    const keep = new Set(Array.from({ length: most }, (_, i) => Math.floor((i * n) / most)));
+    return (xs) => xs.filter((_, i) => keep.has(i));
+  }
+
+  function drawRest(study, objective, base) {
+    {
+      const allPaired = study.points.filter((p) => p.tokens_per_s && p.predicted_tokens_per_s);
+      const paired = thin(allPaired.length)(allPaired);
       if (paired.length === 0) message("chart-accuracy", "no measured trial with a prediction yet");
       else {
         const hi = Math.max(...paired.map((p) => Math.max(p.tokens_per_s, p.predicted_tokens_per_s)));
@@ -118,7 +141,7 @@
       }
       drawKnobs(study, objective);
       drawParallel(study, objective);
-    }).catch((err) => ["chart-progress", "chart-accuracy", "chart-knobs", "chart-parallel"].forEach((id) => fail(id)(err)));
+    }
     getJSON(base + "/advice").then(drawAdvice).catch(fail("advice-detail"));
   }
 
@@ -131,7 +154,8 @@
   }
 
   function drawKnobs(study, objective) {
-    const points = measuredPoints(study, objective);
+    const all = measuredPoints(study, objective);
+    const points = thin(all.length)(all);
     const knobs = varying(study, points);
     if (points.length === 0 || knobs.length === 0) {
       message("chart-knobs", points.length ? "every measured trial has the same knobs" : "nothing measured yet");
@@ -148,7 +172,8 @@
   function drawParallel(study, objective) {
     // Parallel coordinates as SVG lines (plotly's parcoords needs WebGL): one axis per knob that
     // varies, then the objective; each measured trial one polyline, coloured by its quintile.
-    const points = measuredPoints(study, objective);
+    const all = measuredPoints(study, objective);
+    const points = thin(all.length, MAX_SHOWN / 2)(all);  // a polyline through every axis each
     const knobs = varying(study, points);
     if (points.length < 2 || knobs.length === 0) {
       message("chart-parallel", "parallel coordinates need two measured trials that differ");
