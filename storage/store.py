@@ -356,7 +356,7 @@ class Store(BaseStore):
         with self._session(write=False) as s:  # values taken out of the JSON by the database
             sid = self._study_id(s, study)
             query = select(*cols, *knobs).join(Trial.config)
-            result = s.execute(query.where(self._of_study(s, study, answering)).order_by(Trial.id))
+            result = s.execute(query.where(self._of_study(s, sid, answering)).order_by(Trial.id))
             names = list(result.keys())
             out = []
             for row in result:
@@ -365,10 +365,11 @@ class Store(BaseStore):
                 out.append(point)
             return out
 
-    def _of_study(self, session: Session, study: str, answering: bool) -> Any:
-        """The trials of `study`; with `answering`, also the finished trials of other studies on
-        its hardware that measured one of its configurations (they answer it from the store)."""
-        sid = self._study_id(session, study)
+    def _of_study(self, session: Session, study: str | int, answering: bool) -> Any:
+        """The trials of `study` (a name, or its id); with `answering`, also the finished trials of
+        other studies on its hardware that measured one of its configurations (they answer it
+        from the store)."""
+        sid = study if isinstance(study, int) else self._study_id(session, study)
         if not answering:
             return Trial.study_id == sid
         fingerprint = session.scalar(select(Study.fingerprint_hash).where(Study.id == sid))

@@ -215,7 +215,7 @@ def trials(
 
 def trial(store: Any, trial_id: int) -> dict[str, Any]:
     """One trial: its row, configuration, losses, per-stage memory (measured, predicted, the cap,
-    evicted bytes), its timeline's presence and the trial it is compared with by default."""
+    evicted bytes) and the trial it is compared with by default (its timeline: `timeline`)."""
     rec = store.trial(trial_id)
     cap = rec.config.get("memory_limit") or (rec.predicted or {}).get("memory_limit_bytes")
     return {
@@ -230,7 +230,6 @@ def trial(store: Any, trial_id: int) -> dict[str, Any]:
         "predicted": rec.predicted,
         "stages": [dict(st) for st in rec.stages],
         "cap_bytes": cap,
-        "has_timeline": store.timeline(trial_id) is not None or rec.status == "ok",
         "counterpart": counterpart(store, rec),
     }
 

@@ -123,25 +123,23 @@
   }
 
   function drawRest(study, objective, base) {
-    {
-      const allPaired = study.points.filter((p) => p.tokens_per_s && p.predicted_tokens_per_s);
-      const paired = thin(allPaired.length)(allPaired);
-      if (paired.length === 0) message("chart-accuracy", "no measured trial with a prediction yet");
-      else {
-        const hi = Math.max(...paired.map((p) => Math.max(p.tokens_per_s, p.predicted_tokens_per_s)));
-        plot("chart-accuracy", [
-          { type: "scatter", mode: "markers", name: "trial", x: paired.map((p) => p.predicted_tokens_per_s),
-            y: paired.map((p) => p.tokens_per_s), customdata: paired.map((p) => p.id),
-            text: paired.map((p) => "trial " + p.id + ": error " + (100 * p.prediction_error).toFixed(0) + "%"),
-            marker: { color: paired.map((p) => (p.own ? SIDE_COLORS[0] : SIDE_COLORS[3])) } },
-          { type: "scatter", mode: "lines", name: "measured = predicted", x: [0, hi], y: [0, hi],
-            line: { dash: "dot", color: "#888" }, hoverinfo: "skip" },
-        ], layout("measured vs predicted tokens/s", {
-          xaxis: { title: { text: "predicted" } }, yaxis: { title: { text: "measured" } } })).then(goToTrial);
-      }
-      drawKnobs(study, objective);
-      drawParallel(study, objective);
+    const allPaired = study.points.filter((p) => p.tokens_per_s && p.predicted_tokens_per_s);
+    const paired = thin(allPaired.length)(allPaired);
+    if (paired.length === 0) message("chart-accuracy", "no measured trial with a prediction yet");
+    else {
+      const hi = Math.max(...paired.map((p) => Math.max(p.tokens_per_s, p.predicted_tokens_per_s)));
+      plot("chart-accuracy", [
+        { type: "scatter", mode: "markers", name: "trial", x: paired.map((p) => p.predicted_tokens_per_s),
+          y: paired.map((p) => p.tokens_per_s), customdata: paired.map((p) => p.id),
+          text: paired.map((p) => "trial " + p.id + ": error " + (100 * p.prediction_error).toFixed(0) + "%"),
+          marker: { color: paired.map((p) => (p.own ? SIDE_COLORS[0] : SIDE_COLORS[3])) } },
+        { type: "scatter", mode: "lines", name: "measured = predicted", x: [0, hi], y: [0, hi],
+          line: { dash: "dot", color: "#888" }, hoverinfo: "skip" },
+      ], layout("measured vs predicted tokens/s", {
+        xaxis: { title: { text: "predicted" } }, yaxis: { title: { text: "measured" } } })).then(goToTrial);
     }
+    drawKnobs(study, objective);
+    drawParallel(study, objective);
     getJSON(base + "/advice").then(drawAdvice).catch(fail("advice-detail"));
   }
 
