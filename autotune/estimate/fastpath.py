@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from autotune.estimate import schedule_cache
-from autotune.estimate.simulate import StageCosts, needed_transfers, transfer_key
+from autotune.estimate.simulate import StageCosts, stage_transfers
 from autotune.schedules.generators import generate
-from autotune.schedules.ir import Kind, Schedule
-from autotune.schedules.memory import peak_candidates, release_points
+from autotune.schedules.ir import Kind, Schedule, without_gc
+from autotune.schedules.memory import peak_candidates
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination)
 
@@ -101,133 +101,108 @@ _ARRAY_FIELDS = (
 _STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links)
 
 
-StageOp = tuple[int, tuple[int, ...], int]  # (kind, transfer slots waited for, slot posted or -1)
+_OP = {Kind.F: FWD, Kind.B: BWD}  # every other kind posts one end of a transfer
+_FAMILY = {"act": 0, "grad": 1, "evict": 2, "load": 3}  # evict and load use the BPipe pair link
 
 
-class _Slots:
-    """Transfers numbered as they are first met, with what the replay needs of each."""
-
-    def __init__(self) -> None:
-        self.index: dict[TransferKey, int] = {}
-        self.links: dict[tuple[bool, int, int], int] = {}
-        self.src: list[int] = []
-        self.dst: list[int] = []
-        self.link: list[int] = []
-        self.duration_kind: list[int] = []
-        self.duration_stage: list[int] = []
-
-    def __call__(self, key: TransferKey) -> int:
-        slot = self.index.get(key)
-        if slot is None:
-            family, _, a, b = key
-            pair = family in ("evict", "load")
-            slot = self.index[key] = len(self.src)
-            self.src.append(a)
-            self.dst.append(b)
-            self.link.append(self.links.setdefault((pair, a, b), len(self.links)))
-            if not pair:
-                kind, stage = SEND, min(a, b)
-            else:
-                kind, stage = (EVICTOR, a) if family == "evict" else (ACCEPTOR, b)
-            self.duration_kind.append(kind)
-            self.duration_stage.append(stage)
-        return slot
-
-
-def _stage_ops(schedule: Schedule, s: int, slots: _Slots) -> list[StageOp]:
-    """Stage s's actions with what each waits for. That depends only on the stage's own program
-    (`needed_transfers`: a backward waits for a load its own stage posted earlier), so it is
-    worked out once per action."""
-    program = schedule.programs[s]
-    outgoing: list[TransferKey] = []
-    own_posts: set[TransferKey] = set()
-    ops: list[StageOp] = []
-    append, get = ops.append, slots.index.get
-    none: tuple[int, ...] = ()
-    for action, release in zip(program, release_points(program, schedule.cap), strict=True):
-        kind = action.kind
-        waits = needed_transfers(schedule, s, action, outgoing if release else [], own_posts)
-        if release:
-            outgoing = []
-        # each slot: known already (the other end met it), else numbered now
-        waited = tuple([slots(w) if (i := get(w)) is None else i for w in waits]) if waits else none
-        if kind is Kind.F:
-            append((FWD, waited, -1))
-            continue
-        if kind is Kind.B:
-            append((BWD, waited, -1))
-            continue
-        key = transfer_key(schedule, s, action)
-        own_posts.add(key)
-        if kind is Kind.EVICT or kind is Kind.RESTORE:
-            outgoing.append(key)
-        append((POST, waited, slots(key) if (i := get(key)) is None else i))
-    return ops
-
-
-def _dependency_order(programs: list[list[StageOp]], num_slots: int) -> list[tuple[int, StageOp]]:
-    """(stage, op) in an order that respects every dependency: stage by stage, each as far as
-    the transfers it waits for have both ends posted."""
-    posted = [0] * num_slots
-    pc = [0] * len(programs)
-    order: list[tuple[int, StageOp]] = []
-    append = order.append
+def _dependency_order(
+    stage_of: np.ndarray, slot: np.ndarray, wait_ptr: np.ndarray, wait_slots: np.ndarray,
+    stage_ptr: np.ndarray, num_slots: int,
+) -> np.ndarray:  # fmt: skip
+    """Indices of the ops (stage by stage in program order) in an order that respects every
+    dependency: stage by stage, each as far as the transfers it waits for have both ends posted;
+    -1 at the end where the programs deadlock."""
+    p = len(stage_ptr) - 1
+    posted = np.zeros(num_slots, dtype=np.int64)
+    pc = stage_ptr[:-1].copy()
+    order = np.full(len(stage_of), -1, dtype=np.int64)
+    n = 0
     progressed = True
     while progressed:
         progressed = False
-        for s, ops in enumerate(programs):
-            i = start = pc[s]
-            n = len(ops)
-            while i < n:
-                op = ops[i]
+        for s in range(p):
+            i = pc[s]
+            end = stage_ptr[s + 1]
+            while i < end:
                 blocked = False
-                for w in op[1]:
-                    if posted[w] < 2:
+                for w in range(wait_ptr[i], wait_ptr[i + 1]):
+                    if posted[wait_slots[w]] < 2:
                         blocked = True
                         break
                 if blocked:
                     break
-                if op[2] >= 0:
-                    posted[op[2]] += 1
-                append((s, op))
+                if slot[i] >= 0:
+                    posted[slot[i]] += 1
+                order[n] = i
+                n += 1
                 i += 1
-            if i > start:
+            if i > pc[s]:
                 pc[s] = i
                 progressed = True
-    if any(pc[s] < len(ops) for s, ops in enumerate(programs)):
-        raise ValueError("the programs deadlock; run simulate() for the grid")
     return order
 
 
+@without_gc
 def _encode(schedule: Schedule) -> CompiledSchedule:
     """The schedule's actions as arrays, in a dependency order, with their transfers' slots."""
-    slots = _Slots()
-    programs = [_stage_ops(schedule, s, slots) for s in range(schedule.num_stages)]
-    order = _dependency_order(programs, len(slots.src))
+    p = schedule.num_stages
+    per_stage = [stage_transfers(schedule, s) for s in range(p)]
+    op_of = _OP.get
+    kinds = [op_of(action.kind, POST) for program in schedule.programs for action in program]
+    waits = [w for stage_waits, _ in per_stage for w in stage_waits]
+    posts = [key for _, stage_posts in per_stage for key in stage_posts]
+    # slots: each transfer numbered once; both its ends post it
+    index = {key: i for i, key in enumerate(dict.fromkeys(k for k in posts if k is not None))}
+    try:
+        wait_slots = [index[key] for w in waits for key in w]
+    except KeyError:  # a wait for a transfer no program posts
+        raise ValueError("the programs deadlock; run simulate() for the grid") from None
 
     def array(values: list[int]) -> np.ndarray:
         return np.array(values, dtype=np.int64)
 
-    stages = [s for s, _ in order]
-    ops = [op for _, op in order]
+    stage_ptr = array(list(itertools.accumulate([len(program) for program in schedule.programs], initial=0)))
+    stage_of = np.repeat(np.arange(p, dtype=np.int64), np.diff(stage_ptr))
+    slot = array([-1 if key is None else index[key] for key in posts])
+    counts = array([len(w) for w in waits])
+    wait_ptr = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    wait_flat = array(wait_slots)
+    order = _order_kernel(stage_of, slot, wait_ptr, wait_flat, stage_ptr, len(index))
+    if len(order) and order[-1] < 0:
+        raise ValueError("the programs deadlock; run simulate() for the grid")
+    # the ops, and the slots each waits for, in that order
+    ordered_counts = counts[order]
+    ordered_ptr = np.concatenate(([0], np.cumsum(ordered_counts))).astype(np.int64)
+    gather = np.repeat(wait_ptr[:-1][order] - ordered_ptr[:-1], ordered_counts) + np.arange(
+        int(ordered_ptr[-1]), dtype=np.int64
+    )
+    # per transfer: its ends, its link (one per directed pair of stages and family), whose duration
+    keys = list(index)
+    family = array([_FAMILY[k[0]] for k in keys])
+    src = array([k[2] for k in keys])
+    dst = array([k[3] for k in keys])
+    pair = family >= _FAMILY["evict"]
+    _, link = np.unique((pair * p + src) * p + dst, return_inverse=True)
+    duration_kind = np.where(pair, np.where(family == _FAMILY["evict"], EVICTOR, ACCEPTOR), SEND)
+    duration_stage = np.where(pair, np.where(family == _FAMILY["evict"], src, dst), np.minimum(src, dst))
     peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
     pairs = np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64)
     return CompiledSchedule(
         name=schedule.name,
-        num_stages=schedule.num_stages,
+        num_stages=p,
         num_microbatches=schedule.num_microbatches,
         cap=schedule.cap,
-        stage=array(stages),
-        kind=array([op[0] for op in ops]),
-        slot=array([op[2] for op in ops]),
-        wait_ptr=array(list(itertools.accumulate([len(op[1]) for op in ops], initial=0))),
-        wait_slots=array([w for op in ops for w in op[1]]),
-        src=array(slots.src),
-        dst=array(slots.dst),
-        link=array(slots.link),
-        duration_kind=array(slots.duration_kind),
-        duration_stage=array(slots.duration_stage),
-        num_links=len(slots.links),
+        stage=stage_of[order],
+        kind=array(kinds)[order],
+        slot=slot[order],
+        wait_ptr=ordered_ptr,
+        wait_slots=wait_flat[gather],
+        src=src,
+        dst=dst,
+        link=link.astype(np.int64).reshape(-1),
+        duration_kind=duration_kind.astype(np.int64),
+        duration_stage=duration_stage.astype(np.int64),
+        num_links=int(link.max()) + 1 if len(link) else 0,
         partner=array([-1 if q is None else q for q in schedule.partner]),
         peak_pairs=pairs.reshape(-1, 2),
         peak_ptr=array(list(itertools.accumulate([len(x) for x in peaks], initial=0))),
@@ -375,17 +350,18 @@ def _replay(
     return out, exposed
 
 
-def _compiled_replay() -> Any:
-    """`_replay` compiled by numba (cached on disk beside this file), or as plain Python where
+def _compiled(function: Any) -> Any:
+    """`function` compiled by numba (cached on disk beside this file), or as plain Python where
     numba cannot be imported (correct, about a hundred times slower)."""
     try:
         import numba
     except ImportError:  # pragma: no cover - numba is a dependency
-        return _replay
-    return numba.njit(cache=True, nogil=True)(_replay)
+        return function
+    return numba.njit(cache=True, nogil=True)(function)
 
 
-_kernel = _compiled_replay()
+_kernel = _compiled(_replay)
+_order_kernel = _compiled(_dependency_order)
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,9 @@ the grid.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Container
 from dataclasses import dataclass, field
 
-from autotune.schedules.ir import Action, Kind, Schedule
+from autotune.schedules.ir import Kind, Schedule
 from autotune.schedules.memory import peak_resident, release_points
 from autotune.schedules.render import grid
 from autotune.timeline import Span
@@ -71,35 +70,61 @@ class DeadlockError(RuntimeError):
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source stage, destination stage)
 
 
-def needed_transfers(
-    schedule: Schedule,
-    stage: int,
-    action: Action,
-    outgoing: list[TransferKey],
-    posted: Container[TransferKey],
-) -> list[TransferKey]:
-    """Transfers that must be complete before `action` runs on `stage`, as the executor waits:
-    `outgoing` are the stage's evictions and returns released before this action, `posted` the
-    transfers some end has posted so far (a backward waits for its load only if one was posted)."""
-    s, k, kind = stage, action.mb, action.kind
-    out: list[TransferKey] = list(outgoing) if outgoing else []
-    if kind is Kind.F:
-        if s > 0:
-            out.append(("act", k, s - 1, s))
-    elif kind is Kind.B:
-        if s < schedule.num_stages - 1:
-            out.append(("grad", k, s + 1, s))
-        partner = schedule.partner[s]
-        if partner is not None and ("load", k, partner, s) in posted:
-            out.append(("load", k, partner, s))
-    elif kind is Kind.EVICT:
-        if s < schedule.num_stages - 1:
-            out.append(("act", k, s, s + 1))  # its activation send must complete first
-    elif kind is Kind.RESTORE:
-        partner = schedule.partner[s]
-        if partner is not None:
+def stage_transfers(
+    schedule: Schedule, stage: int
+) -> tuple[list[list[TransferKey]], list[TransferKey | None]]:
+    """For each action of the stage's program: the transfers that must be complete before it
+    runs, as the executor waits, and the transfer it posts one end of (None for compute).
+
+    A forward waits for its input, a backward for its output gradient and for a load the stage
+    posted, an eviction for its activation send, a return for its stash; an action at a release
+    point (`release_points`) first for the stage's evictions and returns posted since the last
+    one. What a stage waits for depends only on its own program, so the simulator, the fast
+    path's compiler and the executor's order all take it from here."""
+    s = stage
+    last = schedule.num_stages - 1
+    partner = schedule.partner[s]
+    program = schedule.programs[s]
+    waits: list[list[TransferKey]] = []
+    posts: list[TransferKey | None] = []
+    wait, post = waits.append, posts.append
+    outgoing: list[TransferKey] = []
+    loaded: set[int] = set()  # micro-batches whose load this stage has posted
+    for (kind, k), release in zip(program, release_points(program, schedule.cap), strict=True):
+        if release:
+            out, outgoing = outgoing, []
+        else:
+            out = []
+        if kind is Kind.F:
+            if s > 0:
+                out.append(("act", k, s - 1, s))
+            wait(out)
+            post(None)
+            continue
+        if kind is Kind.B:
+            if s < last:
+                out.append(("grad", k, s + 1, s))
+            if k in loaded:
+                out.append(("load", k, partner, s))  # type: ignore[arg-type]
+            wait(out)
+            post(None)
+            continue
+        if kind is Kind.EVICT:
+            if s < last:
+                out.append(("act", k, s, s + 1))  # its activation send must complete first
+        elif kind is Kind.RESTORE and partner is not None:
             out.append(("evict", k, partner, s))
-    return out
+        wait(out)
+        family, offset, sending = _TRANSFER[kind]
+        peer = partner if offset is None else s + offset
+        assert peer is not None, f"stage {s} has no peer for {kind.value}{k}"
+        key = (family, k, s, peer) if sending else (family, k, peer, s)
+        if kind is Kind.EVICT or kind is Kind.RESTORE:
+            outgoing.append(key)
+        elif kind is Kind.LOAD:
+            loaded.add(k)
+        post(key)
+    return waits, posts
 
 
 # For each transfer action: its family, the peer's offset from the stage (None: the BPipe
@@ -110,14 +135,6 @@ _TRANSFER = {
     Kind.EVICT: ("evict", None, True), Kind.STASH: ("evict", None, False),
     Kind.RESTORE: ("load", None, True), Kind.LOAD: ("load", None, False),
 }  # fmt: skip
-
-
-def transfer_key(schedule: Schedule, stage: int, action: Action) -> TransferKey:
-    """The transfer an action posts one end of."""
-    family, offset, sending = _TRANSFER[action.kind]
-    peer = schedule.partner[stage] if offset is None else stage + offset
-    assert peer is not None, f"stage {stage} has no peer for {action}"
-    return (family, action.mb, stage, peer) if sending else (family, action.mb, peer, stage)
 
 
 class _Transfer:
@@ -140,10 +157,11 @@ class _Replay:
         self.busy = [0.0] * p
         self.exposed = [0.0] * p
         self.transfer_end = [0.0] * p  # the latest end of a transfer each stage takes part in
-        self.outgoing: list[list[TransferKey]] = [[] for _ in range(p)]
         self.spans: list[Span] = []
         self.heap = [(0.0, s) for s in range(p)]
-        self.releases = [release_points(program, schedule.cap) for program in schedule.programs]
+        transfers = [stage_transfers(schedule, s) for s in range(p)]
+        self.waits = [waits for waits, _ in transfers]
+        self.posts = [posts for _, posts in transfers]
 
     def duration(self, key: TransferKey) -> float:
         family, _, src, dst = key
@@ -171,18 +189,13 @@ class _Replay:
             heapq.heappush(self.heap, (max(self.clock[stage], transfer.end), stage))
         transfer.waiters.clear()
 
-    def needs(self, stage: int, action: Action) -> list[TransferKey]:
-        """Transfers that must be complete before `action` runs on `stage`."""
-        outgoing = self.outgoing[stage] if self.releases[stage][self.pc[stage]] else []
-        return needed_transfers(self.schedule, stage, action, outgoing, self.transfers)
-
     def step(self, stage: int) -> None:
         program = self.schedule.program(stage)
         action = program[self.pc[stage]]
         now = self.clock[stage]
         ready = now
         bpipe_wait = 0.0
-        for key in self.needs(stage, action):
+        for key in self.waits[stage][self.pc[stage]]:
             transfer = self.transfers.get(key)
             if transfer is None or transfer.end is None:
                 self.transfers.setdefault(key, _Transfer()).waiters.append(stage)
@@ -198,8 +211,6 @@ class _Replay:
             if self.record:
                 self.spans.append(Span(stage, f"wait {action}", now, ready, "wait"))
             return
-        if self.releases[stage][self.pc[stage]]:
-            self.outgoing[stage] = []
         if action.kind.is_compute:
             cost = self.costs[stage]
             duration = cost.fwd if action.kind is Kind.F else cost.bwd
@@ -208,12 +219,11 @@ class _Replay:
                 self.spans.append(Span(stage, str(action), now, now + duration, "compute"))
             self.clock[stage] = now + duration
         else:
-            key = transfer_key(self.schedule, stage, action)
-            if action.kind in (Kind.EVICT, Kind.RESTORE):
-                self.outgoing[stage].append(key)
+            posts = self.posts[stage][self.pc[stage]]
+            assert posts is not None
             posted = now + self.costs[stage].post  # the transfer is posted when the call returns
             self.clock[stage] = posted
-            self.post(key, posted)
+            self.post(posts, posted)
         self.pc[stage] += 1
         if self.pc[stage] < len(program):
             heapq.heappush(self.heap, (self.clock[stage], stage))

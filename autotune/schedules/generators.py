@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import math
 from collections.abc import Callable
 
-from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner
+from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner, without_gc
 from autotune.schedules.memory import peak_resident, release_points
 
 
@@ -39,8 +40,15 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
     the next stage's backward. Used to line up actions across stages (BPipe's acceptor side).
     """
     p = len(orders)
+    m = 1 + max((mb for order in orders for _, mb in order), default=-1)
     ends: list[list[float]] = [[0.0] * len(o) for o in orders]
-    done: dict[tuple[int, Kind, int], float] = {}
+    # when stage s's forward / backward of each micro-batch ends (None: not yet); the stages
+    # beyond either end are done at 0
+    none: list[float | None] = [None] * m
+    zero: list[float | None] = [0.0] * m
+    fwd_end = [zero, *[list(none) for _ in range(p)], zero]  # fwd_end[s + 1] is stage s's
+    bwd_end = [zero, *[list(none) for _ in range(p)], zero]
+    forward = Kind.F
     cursor = [0] * p
     progressed = True
     while progressed:
@@ -48,18 +56,20 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
         for s in range(p):
             order, row, i = orders[s], ends[s], cursor[s]
             n = len(order)
+            before, after, own_f, own_b = fwd_end[s], bwd_end[s + 2], fwd_end[s + 1], bwd_end[s + 1]
+            previous = row[i - 1] if i else 0.0
             while i < n:
                 kind, mb = order[i]
-                dep = (s - 1, Kind.F, mb) if kind is Kind.F else (s + 1, Kind.B, mb)
-                ready = done.get(dep)
+                is_f = kind is forward
+                ready = before[mb] if is_f else after[mb]
                 if ready is None:
-                    if 0 <= dep[0] < p:
-                        break
-                    ready = 0.0
-                previous = row[i - 1] if i else 0.0
-                end = (ready if ready > previous else previous) + (fwd if kind is Kind.F else bwd)
-                row[i] = end
-                done[(s, kind, mb)] = end
+                    break
+                previous = (ready if ready > previous else previous) + (fwd if is_f else bwd)
+                row[i] = previous
+                if is_f:
+                    own_f[mb] = previous
+                else:
+                    own_b[mb] = previous
                 i += 1
             if i > cursor[s]:
                 cursor[s] = i
@@ -201,6 +211,7 @@ def insert_communication(programs: list[Program]) -> list[Program]:
     """
     p = len(programs)
     out: list[Program] = []
+    make = functools.partial(tuple.__new__, Action)  # Action((kind, mb)) built in C
     for s, program in enumerate(programs):
         compute_idx = [i for i, a in enumerate(program) if a.kind.is_compute]
         recv_before: dict[int, list[Action]] = {}
@@ -214,7 +225,7 @@ def insert_communication(programs: list[Program]) -> list[Program]:
             # Post before any EV/LD/ST/RS that directly precede that compute action too.
             while where > 0 and not program[where - 1].kind.is_compute:
                 where -= 1
-            recv_before.setdefault(where, []).append(Action(kind, action.mb))
+            recv_before.setdefault(where, []).append(make((kind, action.mb)))
         result: Program = []
         append, first, last = result.append, s == 0, s == p - 1
         for i, action in enumerate(program):
@@ -223,9 +234,9 @@ def insert_communication(programs: list[Program]) -> list[Program]:
             append(action)
             kind = action.kind
             if kind is Kind.F and not last:
-                append(Action(Kind.SEND_F, action.mb))
+                append(make((Kind.SEND_F, action.mb)))
             elif kind is Kind.B and not first:
-                append(Action(Kind.SEND_B, action.mb))
+                append(make((Kind.SEND_B, action.mb)))
         out.append(result)
     return out
 
@@ -242,6 +253,7 @@ def default_cap(num_stages: int) -> int:
     return math.ceil((num_stages + 1) / 2)
 
 
+@without_gc
 def generate(name: str, num_stages: int, num_microbatches: int, *, cap: int | None = None) -> Schedule:
     """The per-stage programs of schedule `name` for p stages and m micro-batches.
 

@@ -106,6 +106,12 @@ def peak_candidates(program: tuple[Action, ...], cap: int | None) -> tuple[tuple
             out_partner += 1
             pending += 1
         points.add((own, partner))
-    return tuple(
-        sorted(p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points))
-    )
+    # the Pareto front: by own count descending, a point stays if its partner count beats every
+    # point with at least as many own micro-batches
+    front: list[tuple[int, int]] = []
+    best_partner = None
+    for point in sorted(points, reverse=True):
+        if best_partner is None or point[1] > best_partner:
+            front.append(point)
+            best_partner = point[1]
+    return tuple(sorted(front))

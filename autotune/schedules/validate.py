@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from autotune.schedules.ir import Action, Kind, Schedule
+from autotune.schedules.ir import Action, Kind, Schedule, without_gc
 from autotune.schedules.memory import release_points, resident_trace
 from autotune.schedules.render import grid
 
@@ -53,6 +53,7 @@ class ScheduleError(ValueError):
         super().__init__(f"{message}\n{self.grid}")
 
 
+@without_gc
 def validate(schedule: Schedule) -> dict[int, int]:
     """Raise ScheduleError if `schedule` is broken; return each stage's peak resident count.
 
