@@ -12,13 +12,14 @@ read one database. Then, in one run, alternating the two sides round by round:
 
 p50 and p95 latency over `--reps` requests each. Then the study page's time to its first chart
 in Chromium (headless, Debian's; navigation start to the first chart drawn), median of
-`--page-reps` loads over `autotune dashboard` serving the file.
+`--page-reps` loads over `autotune dashboard` serving the file: repeat views (the server keeps
+a study's points while the store is unchanged) and first views after a change (a fresh server).
 
     python -m benchmarks.bench_dashboard [--trials 10000] [--reps 100] [--page-reps 5] [--json PATH]
         [--db PATH [--seed-only]] [--quick]
 
 Targets: our trials API p95 <= 100 ms at 10,000 trials and faster than optuna-dashboard's; the
-first chart <= 1 s.
+first chart <= 1 s (both views).
 """
 
 from __future__ import annotations
@@ -162,11 +163,16 @@ def _optuna_study_id(app: Any) -> int:
     return int(next(s["study_id"] for s in studies if s["study_name"] == STUDY))
 
 
-@contextlib.contextmanager
-def _serving(url: str) -> Iterator[str]:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _serving(url: str, port: int | None = None) -> Iterator[str]:
+    if port is None:
+        port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", "dashboard", "--storage", url, "--port",
                              str(port)], cwd=ROOT, env=env, start_new_session=True,
@@ -184,25 +190,46 @@ def _serving(url: str) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def _first_chart_ms(page: Any, base: str) -> float:
+    page.goto(f"{base}/studies/{STUDY}")
+    page.wait_for_selector(".chart[data-drawn='1']", timeout=120_000)
+    # dashboard.js marks the first chart drawn; marks count from the navigation's start
+    ms = float(page.evaluate("performance.getEntriesByName('autotune:first-chart')[0].startTime"))
+    # the rest of the page (every chart, the verdict) before the next load, so that one does not
+    # wait behind this one's requests
+    page.wait_for_selector("#advice-detail[data-drawn='1']", timeout=300_000)
+    page.wait_for_function("[...document.querySelectorAll('.chart')].every((c) => c.dataset.drawn)")
+    return ms
+
+
 def first_chart(url: str, reps: int) -> dict[str, float]:
-    """Navigation start to the study page's first chart drawn, in Chromium; median of `reps`."""
+    """Navigation start to the study page's first chart drawn, in Chromium; median of `reps`,
+    for a repeat view (the server has built this version of the study's points) and for the
+    first view after the store changed (a fresh server: nothing built yet, the app itself warmed
+    by one static request). The browser keeps plotly.js cached, as a user's does."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    times: list[float] = []
-    with _serving(url) as base, sync_playwright() as p:
+    repeat: list[float] = []
+    first: list[float] = []
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         page = browser.new_page()
-        page.goto(f"{base}/studies/{STUDY}")  # warm: plotly.js cached, the verdict computed
-        page.wait_for_selector("#chart-progress[data-drawn='1']", timeout=120_000)
+        port = _free_port()  # one origin throughout: the browser's cache is per origin
+        with _serving(url, port) as base:
+            _first_chart_ms(page, base)  # warm: plotly.js cached, the points built, the verdict computed
+            for _ in range(reps):
+                repeat.append(_first_chart_ms(page, base) / 1e3)
         for _ in range(reps):
-            page.goto(f"{base}/studies/{STUDY}")
-            page.wait_for_selector(".chart[data-drawn='1']", timeout=120_000)
-            # dashboard.js marks the first chart drawn; marks count from the navigation's start
-            ms = page.evaluate("performance.getEntriesByName('autotune:first-chart')[0].startTime")
-            times.append(ms / 1e3)
+            with _serving(url, port) as base:
+                urllib.request.urlopen(base + "/static/dashboard.css", timeout=60).close()
+                first.append(_first_chart_ms(page, base) / 1e3)
         browser.close()
-    return {"first_chart_s": statistics.median(times), "runs": len(times)}
+    return {
+        "first_chart_s": statistics.median(repeat),
+        "first_view_s": statistics.median(first),
+        "runs": reps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +267,10 @@ def report(url: str, a: argparse.Namespace, rng: random.Random) -> None:
     for side, fig in api.items():
         print(f"{side:>17}: p50 {fig['p50_ms']:7.1f} ms   p95 {fig['p95_ms']:7.1f} ms")
     chart = first_chart(url, a.page_reps)
-    print(f"study page, first chart in Chromium: {chart['first_chart_s']:.2f} s (median of {chart['runs']})")
+    print(f"study page, first chart in Chromium: {chart['first_chart_s']:.2f} s repeat view, "
+          f"{chart['first_view_s']:.2f} s first view after a change (medians of {chart['runs']})")  # fmt: skip
     ours, theirs = api["ours"]["p95_ms"], api["optuna-dashboard"]["p95_ms"]
-    met = ours <= 100 and ours < theirs and chart["first_chart_s"] <= 1.0
+    met = ours <= 100 and ours < theirs and max(chart["first_chart_s"], chart["first_view_s"]) <= 1.0
     print(f"ours / optuna-dashboard's p95: {ours / theirs:.3f}")
     print(
         "target (p95 <= 100 ms and below optuna-dashboard's; first chart <= 1 s): "

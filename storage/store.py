@@ -328,19 +328,20 @@ class Store(BaseStore):
             where = [self._of_study(s, study, answering)]
             if status is not None:
                 where.append(Trial.status == status)
-            for knob, value in (knobs or {}).items():
-                where.append(_knob_equals(knob, value))
+            matching = [_knob_equals(knob, value) for knob, value in (knobs or {}).items()]
+            if matching:  # each configuration's JSON read once, not once per trial
+                where.append(Trial.config_hash.in_(select(Config.hash).where(*matching)))
             key = getattr(Trial, sort) if sort in PAGE_SORTS else _knob_column(sort)
             order = [key.desc() if descending else key.asc(), Trial.id.desc() if descending else Trial.id]
             if sort in PAGE_SORTS and sort != "id":  # trials without the value come last either way
                 order.insert(0, key.is_(None))
             # one pass: the page and, beside each row, how many match (a window count)
-            query = select(Trial.id, func.count().over()).join(Trial.config).where(*where)
+            query = select(Trial.id, func.count().over()).where(*where)
+            if sort in PAGE_KNOBS:
+                query = query.join(Trial.config)
             found = s.execute(query.order_by(*order).offset(offset).limit(limit)).all()
             if not found:  # past the end: count alone
-                counted = select(func.count()).select_from(
-                    select(Trial.id).join(Trial.config).where(*where).subquery()
-                )
+                counted = select(func.count()).select_from(select(Trial.id).where(*where).subquery())
                 return int(s.scalar(counted) or 0), []
             total, page = int(found[0][1]), [row[0] for row in found]
             rows = s.scalars(_trial_query().where(Trial.id.in_(page))).unique().all()

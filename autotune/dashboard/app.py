@@ -16,7 +16,7 @@ import functools
 import threading
 from collections.abc import Callable
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,21 +57,25 @@ def plotly_js() -> bytes:
     return get_plotlyjs().encode()
 
 
+T = TypeVar("T")
+
+
 class _Versioned:
-    """Verdicts kept while nothing in the store changes (the counts of trials by status, per
-    study, are the version): advising re-reads every trial, too slow for each page view."""
+    """Values kept while nothing in the store changes (the counts of trials by status, per
+    study, are the version): verdicts (advising re-reads every trial, too slow for each page
+    view) and a study's chart points (every trial of a large study)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._version: Any = None
-        self._values: dict[str, dict[str, Any]] = {}
+        self._values: dict[str, Any] = {}
 
-    def get(self, version: Any, key: str, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def get(self, version: Any, key: str, build: Callable[[], T]) -> T:
         with self._lock:
             if version != self._version:
                 self._version, self._values = version, {}
             if key in self._values:
-                return self._values[key]
+                return self._values[key]  # type: ignore[no-any-return]
         value = build()
         with self._lock:
             if version == self._version:
@@ -105,7 +109,7 @@ def create_app(store: Any) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    app.add_middleware(GZipMiddleware, minimum_size=2048)
+    app.add_middleware(GZipMiddleware, minimum_size=2048, compresslevel=1)  # level 9: 5x the time
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = _num
     templates.env.filters["bytes"] = _bytes
@@ -113,6 +117,7 @@ def create_app(store: Any) -> FastAPI:
     storage = safe_url(store.url)
     verdicts = _Versioned()
     summaries = _Versioned()
+    points = _Versioned()
 
     def version() -> Any:
         counts = store.status_counts()
@@ -196,7 +201,8 @@ def create_app(store: Any) -> FastAPI:
     @app.get("/api/studies/{name}", summary="One study, with every trial as a chart point",
              response_model=dict[str, Any])  # fmt: skip
     def api_study(name: str) -> Response:
-        return JSONResponse(data.study(store, name))  # plain JSON already: no re-encoding of every point
+        body = points.get(version(), name, lambda: JSONResponse(data.study(store, name)).body)
+        return Response(body, media_type="application/json")  # plain JSON: encoded once per version
 
     @app.get("/api/studies/{name}/trials", summary="A page of a study's trials, sorted and filtered",
              response_model=dict[str, Any])  # fmt: skip

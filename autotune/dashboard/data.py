@@ -90,25 +90,29 @@ def study_summary(
 
 def study(store: Any, name: str) -> dict[str, Any]:
     """One study: its summary, its knobs and objective, and every trial as a chart point (its
-    own and the ones of other studies that answer it from the store)."""
+    own and the ones of other studies that answer it from the store), by column: `points` maps
+    each field (and `knobs` each knob) to one list, in trial order."""
     record = store.study(name)
     if record is None:
         raise NotFoundError(f"no study {name!r}")
     counts = store.status_counts().get(name, {})
     summary = study_summary(store, record, counts, None)  # the verdict comes from /advice
     summary.pop("verdict")
-    points = []
-    for p in store.trial_points(name, answering=True):
-        predicted = p["predicted_tokens_per_s"]
-        measured = p["tokens_per_s"]
-        points.append({
-            "id": p["id"], "own": p["own"], "status": p["status"],
-            "started_at": _iso(p["started_at"]), "finished_at": _iso(p["finished_at"]),
-            "tokens_per_s": measured, "step_time_s": p["step_time_s"], "mfu": p["mfu"],
-            "predicted_tokens_per_s": predicted,
-            "prediction_error": measured / predicted - 1 if measured and predicted else None,
-            "knobs": {k: p[k] for k in KNOBS},
-        })  # fmt: skip
+    rows = store.trial_points(name, answering=True)
+    measured = [p["tokens_per_s"] for p in rows]
+    predicted = [p["predicted_tokens_per_s"] for p in rows]
+    points: dict[str, Any] = {f: [p[f] for p in rows] for f in ("id", "own", "status")}
+    points |= {f: [_iso(p[f]) for p in rows] for f in ("started_at", "finished_at")}
+    points |= {
+        "tokens_per_s": measured,
+        "step_time_s": [p["step_time_s"] for p in rows],
+        "mfu": [p["mfu"] for p in rows],
+        "predicted_tokens_per_s": predicted,
+        "prediction_error": [
+            m / q - 1 if m and q else None for m, q in zip(measured, predicted, strict=True)
+        ],
+        "knobs": {k: [p[k] for p in rows] for k in KNOBS},
+    }
     space_knobs = record.space.get("knobs") or {}
     return {
         **summary,

@@ -59,9 +59,22 @@ def test_the_studies_list_has_counts_best_and_verdict(client: TestClient) -> Non
 
 def test_a_study_gives_every_trial_as_a_point_with_its_prediction(client: TestClient) -> None:
     study = client.get(f"/api/studies/{STUDY}").json()
-    assert len(study["points"]) == 3 and all(p["own"] for p in study["points"])
-    for p in study["points"]:
-        assert set(p["knobs"]) == set(KNOBS) and p["predicted_tokens_per_s"] > 0
+    columns = study["points"]  # one list per field, in trial order; `knobs` one per knob
+    assert set(columns["knobs"]) == set(KNOBS)
+    assert {len(v) for k, v in columns.items() if k != "knobs"} | {
+        len(v) for v in columns["knobs"].values()
+    } == {3}
+    assert columns["id"] == sorted(columns["id"])
+    points = [
+        {
+            **{k: v[i] for k, v in columns.items() if k != "knobs"},
+            "knobs": {k: v[i] for k, v in columns["knobs"].items()},
+        }
+        for i in range(3)
+    ]
+    assert all(p["own"] for p in points)
+    for p in points:
+        assert p["predicted_tokens_per_s"] > 0
         if p["status"] == "ok":
             assert p["prediction_error"] == pytest.approx(p["tokens_per_s"] / p["predicted_tokens_per_s"] - 1)
     assert study["space_knobs"]["schedule"] == ["1f1b", "bpipe"]
