@@ -12,8 +12,9 @@ read one database. Then, in one run, alternating the two sides round by round:
 
 p50 and p95 latency over `--reps` requests each. Then the study page's time to its first chart
 in Chromium (headless, Debian's; navigation start to the first chart drawn), median of
-`--page-reps` loads over `autotune dashboard` serving the file: repeat views (the server keeps
-a study's points while the store is unchanged) and first views after a change (a fresh server).
+`--page-reps` loads over `autotune dashboard` serving a copy of the file: repeat views (the
+server keeps a study's points while the store is unchanged) and first views after a change (one
+more trial recorded just before, as a running campaign does).
 
     python -m benchmarks.bench_dashboard [--trials 10000] [--reps 100] [--page-reps 5] [--json PATH]
         [--db PATH [--seed-only]] [--quick]
@@ -61,15 +62,37 @@ def _config(knobs: dict[str, Any]) -> dict[str, Any]:
             "device": "cuda", "memory_limit": None, "bpipe_cap": 0, "world_size": world}  # fmt: skip
 
 
+FINGERPRINT = {"device": "cuda", "gpus": [{"name": "H100"}] * 8, "cpus": 64}
+COMBOS = [dict(zip(KNOB_VALUES, v, strict=True)) for v in itertools.product(*KNOB_VALUES.values())]
+
+
+def write_trial(store: Any, fp: str, rng: random.Random, number: int) -> tuple[int, dict[str, Any], Any]:
+    """One trial started and finished through the store API, as a campaign records it: its id,
+    knobs and result (ok, or out of memory / failed)."""
+    from autotune.results import StageResult, Status, TrialResult
+
+    knobs = COMBOS[rng.randrange(len(COMBOS))]
+    cfg = _config(knobs)
+    predicted = {"tokens_per_s": rng.uniform(1e4, 1e5), "step_time_s": rng.uniform(1, 30)}
+    tid = store.start_trial(STUDY, config=cfg, fingerprint=fp, predicted=predicted, optuna_number=number)
+    status = rng.choices([Status.OK, Status.OOM, Status.FAILED], weights=[8, 1, 1])[0]
+    if status is Status.OK:
+        tps = predicted["tokens_per_s"] * rng.uniform(0.7, 1.2)
+        stages = tuple(StageResult(s, 2**33 + s, 2**34 + s, 0) for s in range(int(knobs["pp"])))
+        result = TrialResult(status, None, cfg, 2048 * 64 / tps, tps, 100.0, 0.4, (11.0, 10.9), stages)
+    else:
+        result = TrialResult.failure(cfg, status=status, reason="out of memory on stage 0")
+    store.finish_trial(tid, result)
+    return tid, knobs, result
+
+
 def seed(url: str, trials: int, rng: random.Random) -> float:
     """`trials` finished trials through the store API, and an Optuna study mirroring them."""
     import optuna
 
-    from autotune.results import StageResult, Status, TrialResult
     from storage import Store
 
     start = time.perf_counter()
-    combos = [dict(zip(KNOB_VALUES, v, strict=True)) for v in itertools.product(*KNOB_VALUES.values())]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions: dict[str, optuna.distributions.BaseDistribution] = {
         k: optuna.distributions.CategoricalDistribution(list(v)) for k, v in KNOB_VALUES.items()
@@ -77,24 +100,11 @@ def seed(url: str, trials: int, rng: random.Random) -> float:
     frozen = []
     with Store(url) as store:  # autotune's tables first, then Optuna's beside them, as a campaign does
         ostudy = optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
-        fp = store.register_fingerprint({"device": "cuda", "gpus": [{"name": "H100"}] * 8, "cpus": 64})
+        fp = store.register_fingerprint(FINGERPRINT)
         space = {"objective": "tokens_per_s", "knobs": {k: list(v) for k, v in KNOB_VALUES.items()}}
         store.create_study(STUDY, space=space, model="gpt3-175b", cluster="h100-8x", fingerprint=fp)
         for i in range(trials):
-            knobs = combos[rng.randrange(len(combos))]
-            cfg = _config(knobs)
-            predicted = {"tokens_per_s": rng.uniform(1e4, 1e5), "step_time_s": rng.uniform(1, 30)}
-            tid = store.start_trial(STUDY, config=cfg, fingerprint=fp, predicted=predicted, optuna_number=i)
-            status = rng.choices([Status.OK, Status.OOM, Status.FAILED], weights=[8, 1, 1])[0]
-            if status is Status.OK:
-                tps = predicted["tokens_per_s"] * rng.uniform(0.7, 1.2)
-                stages = tuple(StageResult(s, 2**33 + s, 2**34 + s, 0) for s in range(int(knobs["pp"])))
-                result = TrialResult(
-                    status, None, cfg, 2048 * 64 / tps, tps, 100.0, 0.4, (11.0, 10.9), stages
-                )
-            else:
-                result = TrialResult.failure(cfg, status=status, reason="out of memory on stage 0")
-            store.finish_trial(tid, result)
+            tid, knobs, result = write_trial(store, fp, rng, i)
             frozen.append(optuna.trial.create_trial(
                 params=knobs, distributions=distributions, value=result.tokens_per_s if result.ok else None,
                 state=optuna.trial.TrialState.COMPLETE if result.ok else optuna.trial.TrialState.FAIL,
@@ -202,29 +212,33 @@ def _first_chart_ms(page: Any, base: str) -> float:
     return ms
 
 
-def first_chart(url: str, reps: int) -> dict[str, float]:
+def first_chart(db: Path, reps: int, rng: random.Random) -> dict[str, float]:
     """Navigation start to the study page's first chart drawn, in Chromium; median of `reps`,
-    for a repeat view (the server has built this version of the study's points) and for the
-    first view after the store changed (a fresh server: nothing built yet, the app itself warmed
-    by one static request). The browser keeps plotly.js cached, as a user's does."""
+    for a repeat view (nothing changed since the last one: the server keeps the study's points)
+    and for the first view after a change (one more trial recorded through the store API, as a
+    running campaign does, just before the page is opened). On a copy of `db`, served by
+    `autotune dashboard`; the browser keeps plotly.js cached, as a user's does."""
     from playwright.sync_api import sync_playwright
+
+    from storage import Store
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     repeat: list[float] = []
     first: list[float] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-        page = browser.new_page()
-        port = _free_port()  # one origin throughout: the browser's cache is per origin
-        with _serving(url, port) as base:
+    with tempfile.TemporaryDirectory(prefix="bench-dashboard-view-") as tmp:
+        copy = Path(tmp) / db.name
+        shutil.copyfile(db, copy)
+        url = f"sqlite:///{copy}"
+        with sync_playwright() as p, _serving(url) as base, Store(url) as writer:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
             _first_chart_ms(page, base)  # warm: plotly.js cached, the points built, the verdict computed
-            for _ in range(reps):
+            fp = writer.register_fingerprint(FINGERPRINT)
+            for rep in range(reps):
                 repeat.append(_first_chart_ms(page, base) / 1e3)
-        for _ in range(reps):
-            with _serving(url, port) as base:
-                urllib.request.urlopen(base + "/static/dashboard.css", timeout=60).close()
+                write_trial(writer, fp, rng, 10**6 + rep)
                 first.append(_first_chart_ms(page, base) / 1e3)
-        browser.close()
+            browser.close()
     return {
         "first_chart_s": statistics.median(repeat),
         "first_view_s": statistics.median(first),
@@ -256,17 +270,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {a.trials:,} trials through the store API (and an Optuna study): {seconds:.0f} s")
         if a.seed_only:
             return 0
-        report(url, a, rng)
+        report(db, a, rng)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
-def report(url: str, a: argparse.Namespace, rng: random.Random) -> None:
+def report(db: Path, a: argparse.Namespace, rng: random.Random) -> None:
+    url = f"sqlite:///{db}"
     api = api_latencies(url, a.reps, rng)
     for side, fig in api.items():
         print(f"{side:>17}: p50 {fig['p50_ms']:7.1f} ms   p95 {fig['p95_ms']:7.1f} ms")
-    chart = first_chart(url, a.page_reps)
+    chart = first_chart(db, a.page_reps, rng)
     repeat, first = chart["first_chart_s"], chart["first_view_s"]
     print(f"study page, first chart in Chromium: {repeat:.2f} s repeat view, "
           f"{first:.2f} s first view after a change (medians of {chart['runs']})")  # fmt: skip

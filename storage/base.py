@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -138,11 +139,20 @@ class BaseStore(abc.ABC):
         for an unknown study."""
 
     @abc.abstractmethod
-    def trial_points(self, study: str, *, answering: bool = False) -> list[dict[str, Any]]:
+    def trial_points(
+        self, study: str, *, answering: bool = False, newer_than: int | None = None, ids: Sequence[int] = ()
+    ) -> list[dict[str, Any]]:
         """Every trial of a study (`answering` as `trial_page`'s) as a few plain values, for
         charts over thousands of trials: id, own (of this study), status, started_at,
         finished_at, tokens_per_s, step_time_s, mfu, predicted_tokens_per_s,
-        predicted_step_time_s, and the knobs of `PAGE_KNOBS`."""
+        predicted_step_time_s, and the knobs of `PAGE_KNOBS`. With `newer_than`, only those
+        with a larger id or one of `ids` (what changed since `point_marks` said so)."""
+
+    @abc.abstractmethod
+    def point_marks(self, study: str) -> tuple[tuple[int, int], int, tuple[int, ...]]:
+        """What tells a copy of `trial_points` whether it is current: the study's predictions
+        (how many, the largest id: replacing them changes it), the largest trial id in the store
+        and the ids of its running trials."""
 
     @abc.abstractmethod
     def status_counts(self) -> dict[str, dict[str, int]]:

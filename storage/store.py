@@ -9,7 +9,7 @@ store keeps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -348,7 +348,9 @@ class Store(BaseStore):
             by_id = {r.id: conv.trial_record(r) for r in rows}
             return total, [by_id[i] for i in page]
 
-    def trial_points(self, study: str, *, answering: bool = False) -> list[dict[str, Any]]:
+    def trial_points(
+        self, study: str, *, answering: bool = False, newer_than: int | None = None, ids: Sequence[int] = ()
+    ) -> list[dict[str, Any]]:
         knobs = [_knob_column(k).label(k) for k in PAGE_KNOBS]
         cols = (Trial.id, Trial.status, Trial.started_at, Trial.finished_at, Trial.tokens_per_s,
                 Trial.step_time_s, Trial.mfu, Trial.study_id,
@@ -356,8 +358,10 @@ class Store(BaseStore):
                 Trial.predicted["step_time_s"].as_float().label("predicted_step_time_s"))  # fmt: skip
         with self._session(write=False) as s:  # values taken out of the JSON by the database
             sid = self._study_id(s, study)
-            query = select(*cols, *knobs).join(Trial.config)
-            result = s.execute(query.where(self._of_study(s, sid, answering)).order_by(Trial.id))
+            query = select(*cols, *knobs).join(Trial.config).where(self._of_study(s, sid, answering))
+            if newer_than is not None:
+                query = query.where(or_(Trial.id > newer_than, Trial.id.in_(list(ids))))
+            result = s.execute(query.order_by(Trial.id))
             names = list(result.keys())
             out = []
             for row in result:
@@ -365,6 +369,15 @@ class Store(BaseStore):
                 point["own"] = point.pop("study_id") == sid
                 out.append(point)
             return out
+
+    def point_marks(self, study: str) -> tuple[tuple[int, int], int, tuple[int, ...]]:
+        with self._session(write=False) as s:
+            sid = self._study_id(s, study)
+            mine = Prediction.study_id == sid
+            predictions = s.execute(select(func.count(), func.max(Prediction.id)).where(mine)).one()
+            last = s.scalar(select(func.max(Trial.id))) or 0
+            running = s.scalars(select(Trial.id).where(Trial.status == "running").order_by(Trial.id)).all()
+            return (int(predictions[0]), int(predictions[1] or 0)), int(last), tuple(running)
 
     def _of_study(self, session: Session, study: str | int, answering: bool) -> Any:
         """The trials of `study` (a name, or its id); with `answering`, also the finished trials of

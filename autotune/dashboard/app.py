@@ -118,6 +118,7 @@ def create_app(store: Any) -> FastAPI:
     verdicts = _Versioned()
     summaries = _Versioned()
     points = _Versioned()
+    rows = data.StudyPoints(store)
 
     def version() -> Any:
         counts = store.status_counts()
@@ -201,7 +202,7 @@ def create_app(store: Any) -> FastAPI:
     @app.get("/api/studies/{name}", summary="One study, with every trial as a chart point",
              response_model=dict[str, Any])  # fmt: skip
     def api_study(name: str) -> Response:
-        body = points.get(version(), name, lambda: JSONResponse(data.study(store, name)).body)
+        body = points.get(version(), name, lambda: JSONResponse(data.study(store, name, rows)).body)
         return Response(body, media_type="application/json")  # plain JSON: encoded once per version
 
     @app.get("/api/studies/{name}/trials", summary="A page of a study's trials, sorted and filtered",

@@ -9,7 +9,8 @@ Each builder takes the open store and returns plain JSON values. An unknown stud
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -88,17 +89,49 @@ def study_summary(
     }
 
 
-def study(store: Any, name: str) -> dict[str, Any]:
+class StudyPoints:
+    """Each study's chart points (`trial_points`), kept current by reading only what changed
+    since the last read: trials added since, and those running then (they may have finished).
+    A study that got new predictions is read whole (other studies' trials may answer it now)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._kept: dict[str, tuple[tuple[tuple[int, int], int, tuple[int, ...]], list[dict[str, Any]]]] = {}
+
+    def __call__(self, name: str) -> list[dict[str, Any]]:
+        marks = self._store.point_marks(name)  # before the rows: what changes later is read next time
+        with self._lock:
+            kept = self._kept.get(name)
+        if kept is not None and kept[0] == marks:
+            return kept[1]
+        if kept is None or kept[0][0] != marks[0]:
+            rows = self._store.trial_points(name, answering=True)
+        else:
+            (_, last, running), old = kept
+            by_id = {p["id"]: p for p in old}
+            for p in self._store.trial_points(name, answering=True, newer_than=last, ids=running):
+                by_id[p["id"]] = p
+            rows = [by_id[i] for i in sorted(by_id)]
+        with self._lock:
+            self._kept[name] = (marks, rows)
+        return rows
+
+
+def study(
+    store: Any, name: str, points_of: Callable[[str], list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     """One study: its summary, its knobs and objective, and every trial as a chart point (its
     own and the ones of other studies that answer it from the store), by column: `points` maps
-    each field (and `knobs` each knob) to one list, in trial order."""
+    each field (and `knobs` each knob) to one list, in trial order. `points_of` (a
+    `StudyPoints`) keeps the rows between calls."""
     record = store.study(name)
     if record is None:
         raise NotFoundError(f"no study {name!r}")
     counts = store.status_counts().get(name, {})
     summary = study_summary(store, record, counts, None)  # the verdict comes from /advice
     summary.pop("verdict")
-    rows = store.trial_points(name, answering=True)
+    rows = points_of(name) if points_of is not None else store.trial_points(name, answering=True)
     measured = [p["tokens_per_s"] for p in rows]
     predicted = [p["predicted_tokens_per_s"] for p in rows]
     points: dict[str, Any] = {f: [p[f] for p in rows] for f in ("id", "own", "status")}
