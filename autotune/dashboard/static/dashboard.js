@@ -120,11 +120,12 @@
           y: notOk.map(() => 0), customdata: notOk.map((p) => p.id), text: notOk.map((p) => p.status),
           marker: { symbol: "x", color: KIND_COLORS.wait } },
       ];
-      [progress[0], progress[2]].forEach((trace) => {  // markers: an even sample of a large study
-        const shown = thin(trace.x.length);
+      const marked = ok.length + notOk.length;
+      [progress[0], progress[2]].forEach((trace) => {  // markers: an even sample of a large study, both kinds
+        const shown = thin(trace.x.length, Math.ceil((MAX_SHOWN * trace.x.length) / Math.max(marked, MAX_SHOWN)));
         ["x", "y", "customdata", "text"].forEach((k) => { if (trace[k]) trace[k] = shown(trace[k]); });
       });
-      const title = "progress: " + objective + " over time" + (ok.length + notOk.length > MAX_SHOWN ? ` (an even sample of ${ok.length + notOk.length} trials drawn)` : "");
+      const title = "progress: " + objective + " over time" + (marked > MAX_SHOWN ? ` (an even sample of ${marked} trials drawn)` : "");
       const first = own.length === 0
         ? Promise.resolve(message("chart-progress", "no trial has run in this study (screened only)"))
         : plot("chart-progress", progress, layout(title,
@@ -136,7 +137,7 @@
 
   // At most this many markers a chart: SVG slows past a few thousand; a larger study is drawn
   // from an even sample (the title says so), the best-so-far line from every trial.
-  const MAX_SHOWN = 1000;
+  const MAX_SHOWN = 800;
 
   function thin(n, most = MAX_SHOWN) {
     if (n <= most) return (xs) => xs;
