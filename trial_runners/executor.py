@@ -25,26 +25,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from autotune.schedules.ir import Action, Kind
+from autotune.schedules.ir import FAMILIES, SEMANTICS, Action, Kind
 from autotune.schedules.memory import release_points
 from autotune.timeline import span_kind
 from trial_runners.memory import ActivationTracker
 
-# Tags keep the messages between one pair of ranks apart within a step.
-_TAG = {
-    Kind.SEND_F: 0,
-    Kind.RECV_F: 0,
-    Kind.SEND_B: 1,
-    Kind.RECV_B: 1,
-    Kind.EVICT: 2,
-    Kind.STASH: 2,
-    Kind.LOAD: 3,
-    Kind.RESTORE: 3,
-}
+# Tags keep the messages between one pair of ranks apart within a step: one per transfer family.
+_TAG = {kind: FAMILIES.index(row.family) for kind, row in SEMANTICS.items() if row.family is not None}
 
 
 def _tag(kind: Kind, mb: int) -> int:
-    return mb * 4 + _TAG[kind]
+    return mb * len(FAMILIES) + _TAG[kind]
 
 
 @dataclass(frozen=True)

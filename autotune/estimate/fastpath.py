@@ -25,7 +25,7 @@ import numpy as np
 from autotune.estimate import schedule_cache
 from autotune.estimate.simulate import StageCosts, stage_transfers
 from autotune.schedules.generators import generate
-from autotune.schedules.ir import Kind, Schedule, without_gc
+from autotune.schedules.ir import FAMILIES, Kind, Schedule, without_gc
 from autotune.schedules.memory import peak_candidates
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination)
@@ -102,7 +102,7 @@ _STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links)
 
 
 _OP = {Kind.F: FWD, Kind.B: BWD}  # every other kind posts one end of a transfer
-_FAMILY = {"act": 0, "grad": 1, "evict": 2, "load": 3}  # evict and load use the BPipe pair link
+_FAMILY = {family: i for i, family in enumerate(FAMILIES)}  # evict and load use the BPipe pair link
 
 
 def _dependency_order(

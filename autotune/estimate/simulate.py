@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from autotune.schedules.ir import Kind, Schedule
+from autotune.schedules.ir import SEMANTICS, Kind, Schedule, peer_stage
 from autotune.schedules.memory import peak_resident, release_points
 from autotune.schedules.render import grid
 from autotune.timeline import Span
@@ -76,65 +76,53 @@ def stage_transfers(
     """For each action of the stage's program: the transfers that must be complete before it
     runs, as the executor waits, and the transfer it posts one end of (None for compute).
 
-    A forward waits for its input, a backward for its output gradient and for a load the stage
-    posted, an eviction for its activation send, a return for its stash; an action at a release
-    point (`release_points`) first for the stage's evictions and returns posted since the last
-    one. What a stage waits for depends only on its own program, so the simulator, the fast
-    path's compiler and the executor's order all take it from here."""
-    s = stage
-    last = schedule.num_stages - 1
-    partner = schedule.partner[s]
-    program = schedule.programs[s]
+    An action waits for the transfers of its `waits_for` actions the stage posted earlier (the
+    IR's table: a forward for its input, a backward for its output gradient and its load, an
+    eviction for its activation send, a return for its stash) and, at a release point
+    (`release_points`), first for the stage's evictions and returns posted since the last one.
+    What a stage waits for depends only on its own program, so the simulator and the fast
+    path's compiler both take it from here."""
+    p, partner = schedule.num_stages, schedule.partner[stage]
+    program = schedule.programs[stage]
+    # per kind, on this stage: what it waits for, and the transfer it posts (family, whether it
+    # sends, the peer, whether it is outgoing), from the IR's table
+    rules = {
+        kind: (
+            row.waits_for,
+            row.family,
+            row.sends,
+            peer_stage(kind, stage, p, partner),
+            row.outgoing != (0, 0),
+        )
+        for kind, row in SEMANTICS.items()
+    }
     waits: list[list[TransferKey]] = []
     posts: list[TransferKey | None] = []
     wait, post = waits.append, posts.append
     outgoing: list[TransferKey] = []
-    loaded: set[int] = set()  # micro-batches whose load this stage has posted
-    for (kind, k), release in zip(program, release_points(program, schedule.cap), strict=True):
+    posted: dict[tuple[Kind, int], TransferKey] = {}  # the stage's own transfer actions so far
+    for action, release in zip(program, release_points(program, schedule.cap), strict=True):
+        kind, k = action
         if release:
             out, outgoing = outgoing, []
         else:
             out = []
-        if kind is Kind.F:
-            if s > 0:
-                out.append(("act", k, s - 1, s))
-            wait(out)
-            post(None)
-            continue
-        if kind is Kind.B:
-            if s < last:
-                out.append(("grad", k, s + 1, s))
-            if k in loaded:
-                out.append(("load", k, partner, s))  # type: ignore[arg-type]
-            wait(out)
-            post(None)
-            continue
-        if kind is Kind.EVICT:
-            if s < last:
-                out.append(("act", k, s, s + 1))  # its activation send must complete first
-        elif kind is Kind.RESTORE and partner is not None:
-            out.append(("evict", k, partner, s))
+        waits_for, family, sends, peer, goes_out = rules[kind]
+        for earlier in waits_for:
+            key = posted.get((earlier, k))
+            if key is not None:
+                out.append(key)
         wait(out)
-        family, offset, sending = _TRANSFER[kind]
-        peer = partner if offset is None else s + offset
-        assert peer is not None, f"stage {s} has no peer for {kind.value}{k}"
-        key = (family, k, s, peer) if sending else (family, k, peer, s)
-        if kind is Kind.EVICT or kind is Kind.RESTORE:
+        if family is None:
+            post(None)
+            continue
+        assert peer is not None, f"stage {stage} has no peer for {action}"
+        key = (family, k, stage, peer) if sends else (family, k, peer, stage)
+        posted[action] = key
+        if goes_out:
             outgoing.append(key)
-        elif kind is Kind.LOAD:
-            loaded.add(k)
         post(key)
     return waits, posts
-
-
-# For each transfer action: its family, the peer's offset from the stage (None: the BPipe
-# partner), and whether the stage sends.
-_TRANSFER = {
-    Kind.SEND_F: ("act", 1, True), Kind.RECV_F: ("act", -1, False),
-    Kind.SEND_B: ("grad", -1, True), Kind.RECV_B: ("grad", 1, False),
-    Kind.EVICT: ("evict", None, True), Kind.STASH: ("evict", None, False),
-    Kind.RESTORE: ("load", None, True), Kind.LOAD: ("load", None, False),
-}  # fmt: skip
 
 
 class _Transfer:

@@ -75,9 +75,74 @@ class Kind(enum.Enum):
     allocates: bool  # F, LD, ST: outgoing bulk transfers (EV, RS) are waited on and freed before it
 
 
+class Peer(enum.Enum):
+    """Whom a transfer action exchanges with: the previous or next stage, or the BPipe partner."""
+
+    PREV = -1
+    NEXT = +1
+    PARTNER = "partner"
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """What one action kind means: the IR's rules in one row, read by the validator, the memory
+    model, the simulator, the fast path's compiler and the executor (none keeps a copy).
+
+    `family` is the transfer the action posts one end of (act, grad, evict, load; None for
+    compute), with `peer` and whether this end `sends`. `held` is what it adds to the stage's
+    resident micro-batches, as (own, partner's); `outgoing` what it sends away, freed when the
+    stage next waits on its outgoing transfers. `waits_for`: the stage's own transfer actions of
+    the same micro-batch whose transfer must be complete before it runs, where the stage posted
+    one earlier (a forward waits for its input, a backward for its gradient and its load, an
+    eviction for its activation send, a return for its stash)."""
+
+    family: str | None = None
+    peer: Peer | None = None
+    sends: bool = False
+    held: tuple[int, int] = (0, 0)
+    outgoing: tuple[int, int] = (0, 0)
+    waits_for: tuple[Kind, ...] = ()
+
+
+FAMILIES = ("act", "grad", "evict", "load")  # a transfer family's index: the executor's message tag
+
+SEMANTICS: dict[Kind, Semantics] = {
+    Kind.F: Semantics(held=(1, 0), waits_for=(Kind.RECV_F,)),
+    Kind.B: Semantics(held=(-1, 0), waits_for=(Kind.RECV_B, Kind.LOAD)),
+    Kind.SEND_F: Semantics("act", Peer.NEXT, sends=True),
+    Kind.RECV_F: Semantics("act", Peer.PREV),
+    Kind.SEND_B: Semantics("grad", Peer.PREV, sends=True),
+    Kind.RECV_B: Semantics("grad", Peer.NEXT),
+    Kind.EVICT: Semantics("evict", Peer.PARTNER, sends=True, outgoing=(1, 0), waits_for=(Kind.SEND_F,)),
+    Kind.STASH: Semantics("evict", Peer.PARTNER, held=(0, 1)),
+    Kind.LOAD: Semantics("load", Peer.PARTNER, held=(1, 0)),
+    Kind.RESTORE: Semantics("load", Peer.PARTNER, sends=True, outgoing=(0, 1), waits_for=(Kind.STASH,)),
+}
+
+
+TRANSFER_KINDS = tuple(kind for kind, row in SEMANTICS.items() if row.family is not None)
+
+
+def counterpart(kind: Kind) -> Kind:
+    """The action on the peer that posts the other end of `kind`'s transfer (SF <-> RF, ...)."""
+    row = SEMANTICS[kind]
+    return next(k for k, r in SEMANTICS.items() if r.family == row.family and r.sends != row.sends)
+
+
+def peer_stage(kind: Kind, stage: int, num_stages: int, partner: int | None) -> int | None:
+    """The stage `kind` on `stage` exchanges with (None: there is none)."""
+    peer = SEMANTICS[kind].peer
+    if peer is None:
+        return None
+    if peer is Peer.PARTNER:
+        return partner
+    other = stage + int(peer.value)
+    return other if 0 <= other < num_stages else None
+
+
 for _kind in Kind:
-    _kind.is_compute = _kind in (Kind.F, Kind.B)
-    _kind.allocates = _kind in (Kind.F, Kind.LOAD, Kind.STASH)
+    _kind.is_compute = SEMANTICS[_kind].family is None
+    _kind.allocates = sum(SEMANTICS[_kind].held) > 0
 
 
 _BY_TOKEN = {k.value: k for k in Kind}

@@ -16,9 +16,13 @@ with each stage's bytes per micro-batch, exactly.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from autotune.schedules.ir import Action, Kind
+from autotune.schedules.ir import SEMANTICS, Action
+
+# Per kind, from the IR's table: (own, partner) micro-batches it adds to what the stage holds
+# and to what it has outgoing (freed at the next release).
+_EFFECT = {kind: (*row.held, *row.outgoing) for kind, row in SEMANTICS.items()}
 
 
 def release_points(program: Sequence[Action], cap: int | None) -> tuple[bool, ...]:
@@ -28,44 +32,36 @@ def release_points(program: Sequence[Action], cap: int | None) -> tuple[bool, ..
 
 @functools.lru_cache(maxsize=256)  # the validator, simulator, encoder and executor all ask
 def _release_points(program: tuple[Action, ...], cap: int | None) -> tuple[bool, ...]:
-    held, pending = 0, 0
-    points = []
+    return tuple(release for release, _, _ in _walk(program, cap))
+
+
+def _walk(program: Sequence[Action], cap: int | None) -> Iterator[tuple[bool, int, int]]:
+    """For each action: whether it is a release point, then the (own, partner) micro-batches the
+    stage holds after it, by the rules above."""
+    own = partner = out_own = out_partner = 0
+    effect = _EFFECT
     for action in program:
-        kind = action.kind
-        release = kind.allocates and pending > 0 and (cap is None or held + 1 > cap)
+        d_own, d_partner, o_own, o_partner = effect[action[0]]
+        # an allocating action that would take the stage above its cap waits for its outgoing
+        release = (
+            (d_own > 0 or d_partner > 0)
+            and out_own + out_partner > 0
+            and (cap is None or own + partner + 1 > cap)
+        )
         if release:
-            held, pending = held - pending, 0
-        points.append(release)
-        if kind.allocates:
-            held += 1
-        elif kind is Kind.B:
-            held -= 1
-        elif kind is Kind.EVICT or kind is Kind.RESTORE:
-            pending += 1
-    return tuple(points)
+            own, partner, out_own, out_partner = own - out_own, partner - out_partner, 0, 0
+        own += d_own
+        partner += d_partner
+        out_own += o_own
+        out_partner += o_partner
+        yield release, own, partner
 
 
 def resident_trace(
     program: Sequence[Action], *, own: int = 1, partner: int = 1, cap: int | None = None
 ) -> list[int]:
     """What the stage holds after each action (units of `own` / `partner`; releases as above)."""
-    held, pending = 0, 0
-    trace = []
-    for action, release in zip(program, release_points(program, cap), strict=True):
-        if release:
-            held, pending = held - pending, 0
-        if action.kind in (Kind.F, Kind.LOAD):
-            held += own
-        elif action.kind is Kind.STASH:
-            held += partner
-        elif action.kind is Kind.B:
-            held -= own
-        elif action.kind is Kind.EVICT:
-            pending += own
-        elif action.kind is Kind.RESTORE:
-            pending += partner
-        trace.append(held)
-    return trace
+    return [a * own + b * partner for _, a, b in _walk(program, cap)]
 
 
 def peak_resident(
@@ -78,34 +74,8 @@ def peak_resident(
 @functools.lru_cache(maxsize=65536)
 def peak_candidates(program: tuple[Action, ...], cap: int | None) -> tuple[tuple[int, int], ...]:
     """The (own, partner) micro-batch counts the stage holds at some point, keeping only those
-    that can be the peak for some non-negative sizes (so a peak costs a few multiplications).
-
-    One pass with `resident_trace`'s rules, counting own and partner micro-batches apart."""
-    own = partner = 0  # held
-    out_own = out_partner = 0  # outgoing (EV: own, RS: partner), freed at the next release
-    held = pending = 0  # in micro-batches, as `release_points` counts them
-    points = {(0, 0)} if not program else set()
-    for action in program:
-        kind = action.kind
-        if kind.allocates and pending > 0 and (cap is None or held + 1 > cap):
-            held, pending = held - pending, 0
-            own, partner, out_own, out_partner = own - out_own, partner - out_partner, 0, 0
-        if kind is Kind.F or kind is Kind.LOAD:
-            own += 1
-            held += 1
-        elif kind is Kind.STASH:
-            partner += 1
-            held += 1
-        elif kind is Kind.B:
-            own -= 1
-            held -= 1
-        elif kind is Kind.EVICT:
-            out_own += 1
-            pending += 1
-        elif kind is Kind.RESTORE:
-            out_partner += 1
-            pending += 1
-        points.add((own, partner))
+    that can be the peak for some non-negative sizes (so a peak costs a few multiplications)."""
+    points = {(a, b) for _, a, b in _walk(program, cap)} if program else {(0, 0)}
     # the Pareto front: by own count descending, a point stays if its partner count beats every
     # point with at least as many own micro-batches
     front: list[tuple[int, int]] = []

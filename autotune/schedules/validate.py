@@ -11,22 +11,19 @@ from __future__ import annotations
 
 from collections import Counter
 
-from autotune.schedules.ir import Action, Kind, Schedule, without_gc
+from autotune.schedules.ir import (
+    SEMANTICS,
+    TRANSFER_KINDS,
+    Action,
+    Kind,
+    Peer,
+    Schedule,
+    counterpart,
+    peer_stage,
+    without_gc,
+)
 from autotune.schedules.memory import release_points, resident_trace
 from autotune.schedules.render import grid
-
-# kind on this stage -> (kind on the peer, peer offset or "partner")
-_PAIRS: dict[Kind, tuple[Kind, int | str]] = {
-    Kind.SEND_F: (Kind.RECV_F, +1),
-    Kind.RECV_F: (Kind.SEND_F, -1),
-    Kind.SEND_B: (Kind.RECV_B, -1),
-    Kind.RECV_B: (Kind.SEND_B, +1),
-    Kind.EVICT: (Kind.STASH, "partner"),
-    Kind.STASH: (Kind.EVICT, "partner"),
-    Kind.LOAD: (Kind.RESTORE, "partner"),
-    Kind.RESTORE: (Kind.LOAD, "partner"),
-}
-
 
 # Actions that happen once per micro-batch (evictions and loads may repeat).
 _ONCE = (Kind.F, Kind.B, Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B)
@@ -80,13 +77,6 @@ def validate(schedule: Schedule) -> dict[int, int]:
     return peaks
 
 
-def _peer(schedule: Schedule, stage: int, how: int | str) -> int | None:
-    if how == "partner":
-        return schedule.partner[stage]
-    peer = stage + int(how)
-    return peer if 0 <= peer < schedule.num_stages else None
-
-
 def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action]]) -> None:
     program = schedule.program(stage)
     m, last_stage = schedule.num_microbatches, schedule.num_stages - 1
@@ -97,9 +87,9 @@ def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action
     mine = counts[stage]
     # per paired kind: the peer's counts and the kind it must hold (None: no peer, an error)
     peers: dict[Kind, tuple[Counter[Action], Kind] | None] = {}
-    for paired, (other, how) in _PAIRS.items():
-        at = _peer(schedule, stage, how)
-        peers[paired] = None if at is None else (counts[at], other)
+    for paired in TRANSFER_KINDS:
+        at = peer_stage(paired, stage, schedule.num_stages, schedule.partner[stage])
+        peers[paired] = None if at is None else (counts[at], counterpart(paired))
     for step, action in enumerate(program):
         kind, k = action
         if not 0 <= k < m:
@@ -142,12 +132,13 @@ def _unmatched(
 ) -> None:
     """Raise if the send, receive, eviction, stash, load or return `action` (first seen at `step`)
     lacks its counterpart on the peer stage, as many times."""
-    other_kind, how = _PAIRS[action.kind]
-    peer = _peer(schedule, stage, how)
+    other_kind = counterpart(action.kind)
+    peer = peer_stage(action.kind, stage, schedule.num_stages, schedule.partner[stage])
     if peer is None:
+        partnered = SEMANTICS[action.kind].peer is Peer.PARTNER
         raise ScheduleError(
             f"stage {stage}, step {step} ({action}): no peer stage to exchange with "
-            f"({'no BPipe partner' if how == 'partner' else 'pipeline edge'})",
+            f"({'no BPipe partner' if partnered else 'pipeline edge'})",
             schedule,
             stage,
             step,
@@ -170,31 +161,20 @@ def _replay(schedule: Schedule) -> None:
     pc = [0] * p
     pending: list[list[Action]] = [[] for _ in range(p)]
     releases = [release_points(program, schedule.cap) for program in schedule.programs]
-    loads = [{a.mb for a in program if a.kind is Kind.LOAD} for program in schedule.programs]
 
     def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
-        """The first thing `action` waits for that has not happened (None: it can run)."""
+        """The first thing `action` waits for that has not happened (None: it can run): a
+        transfer is complete when the peer has done the other end. What it waits for is the
+        IR's: at a release point the stage's outgoing transfers, then its `waits_for` actions
+        posted earlier on the stage."""
         kind, k = action
         partner = schedule.partner[s]
-        if partner is not None and releases[s][pc[s]]:
-            for out in pending[s]:
-                need = (partner, Kind.STASH if out.kind is Kind.EVICT else Kind.LOAD, out.mb)
-                if need not in done:
-                    return need
-        if kind is Kind.F:
-            need = (s - 1, Kind.SEND_F, k)
-            return need if s > 0 and need not in done else None
-        if kind is Kind.B:
-            if s < p - 1 and (s + 1, Kind.SEND_B, k) not in done:
-                return (s + 1, Kind.SEND_B, k)
-            if partner is not None and k in loads[s] and (partner, Kind.RESTORE, k) not in done:
-                return (partner, Kind.RESTORE, k)
-            return None
-        if kind is Kind.EVICT:  # its activation send must complete first
-            need = (s + 1, Kind.RECV_F, k)
-            return need if s < p - 1 and need not in done else None
-        if kind is Kind.RESTORE and partner is not None and (partner, Kind.EVICT, k) not in done:
-            return (partner, Kind.EVICT, k)
+        waited: list[tuple[Kind, int]] = list(pending[s]) if releases[s][pc[s]] else []
+        waited += [(w, k) for w in SEMANTICS[kind].waits_for if (s, w, k) in done]
+        for w, mb in waited:
+            peer = peer_stage(w, s, p, partner)
+            if peer is not None and (peer, counterpart(w), mb) not in done:
+                return (peer, counterpart(w), mb)
         return None
 
     progressed = True
@@ -210,7 +190,7 @@ def _replay(schedule: Schedule) -> None:
                 if release[i]:
                     out.clear()
                 kind = action.kind
-                if kind is Kind.EVICT or kind is Kind.RESTORE:
+                if SEMANTICS[kind].outgoing != (0, 0):
                     out.append(action)
                 done.add((s, kind, action.mb))
                 i += 1
