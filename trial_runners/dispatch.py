@@ -346,17 +346,12 @@ class RayDispatcher:
         for p in pending:
             with contextlib.suppress(Exception):
                 self._ray.cancel(p.ref, force=False)
-        stopped: set[Any] = set()
         if pending:
             with contextlib.suppress(Exception):
-                done, _ = self._ray.wait([p.ref for p in pending], num_returns=len(pending), timeout=wait)
-                stopped = set(done)
+                self._ray.wait([p.ref for p in pending], num_returns=len(pending), timeout=wait)
         for p in pending:
-            # only a trial still running is killed: killing the worker of one whose reply is on
-            # its way trips a check in Ray's task manager (a C++ abort at exit)
-            if p.ref not in stopped:
-                with contextlib.suppress(Exception):
-                    self._ray.cancel(p.ref, force=True)
+            with contextlib.suppress(Exception):
+                self._ray.cancel(p.ref, force=True)
             self._release(p)
         if self._ray.is_initialized():
             self._ray.shutdown()
