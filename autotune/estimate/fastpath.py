@@ -176,17 +176,9 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
     gather = np.repeat(wait_ptr[:-1][order] - ordered_ptr[:-1], ordered_counts) + np.arange(
         int(ordered_ptr[-1]), dtype=np.int64
     )
-    # per transfer: its ends, its link (one per directed pair of stages and family), whose duration
-    keys = list(index)
-    family = array([_FAMILY[k[0]] for k in keys])
-    src = array([k[2] for k in keys])
-    dst = array([k[3] for k in keys])
-    pair = family >= _FAMILY["evict"]
-    _, link = np.unique((pair * p + src) * p + dst, return_inverse=True)
-    duration_kind = np.where(pair, np.where(family == _FAMILY["evict"], EVICTOR, ACCEPTOR), SEND)
-    duration_stage = np.where(pair, np.where(family == _FAMILY["evict"], src, dst), np.minimum(src, dst))
+    src, dst, link, duration_kind, duration_stage = _transfer_arrays(list(index), p)
     peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
-    pairs = np.array([pair for stage_peaks in peaks for pair in stage_peaks], dtype=np.int64)
+    pairs = np.array([two for stage_peaks in peaks for two in stage_peaks], dtype=np.int64)
     return CompiledSchedule(
         name=schedule.name,
         num_stages=p,
@@ -199,15 +191,30 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
         wait_slots=wait_flat[gather],
         src=src,
         dst=dst,
-        link=link.astype(np.int64).reshape(-1),
-        duration_kind=duration_kind.astype(np.int64),
-        duration_stage=duration_stage.astype(np.int64),
+        link=link,
+        duration_kind=duration_kind,
+        duration_stage=duration_stage,
         num_links=int(link.max()) + 1 if len(link) else 0,
         partner=array([-1 if q is None else q for q in schedule.partner]),
         peak_pairs=pairs.reshape(-1, 2),
         peak_ptr=array(list(itertools.accumulate([len(x) for x in peaks], initial=0))),
         evictions=array([sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs]),
     )
+
+
+def _transfer_arrays(keys: list[TransferKey], p: int) -> tuple[np.ndarray, ...]:
+    """Per transfer (slot): its source and destination stages, its link (one per directed pair
+    of stages and family: p2p or the BPipe pair link), and whose duration it takes."""
+    family = np.array([_FAMILY[k[0]] for k in keys], dtype=np.int64)
+    src = np.array([k[2] for k in keys], dtype=np.int64)
+    dst = np.array([k[3] for k in keys], dtype=np.int64)
+    pair = family >= _FAMILY["evict"]
+    evict = family == _FAMILY["evict"]
+    _, link = np.unique((pair * p + src) * p + dst, return_inverse=True)
+    duration_kind = np.where(pair, np.where(evict, EVICTOR, ACCEPTOR), SEND)
+    duration_stage = np.where(pair, np.where(evict, src, dst), np.minimum(src, dst))
+    as_int = [a.astype(np.int64).reshape(-1) for a in (link, duration_kind, duration_stage)]
+    return (src, dst, *as_int)
 
 
 _COMPILED: dict[tuple[str, int, int, int | None], CompiledSchedule] = {}
