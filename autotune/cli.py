@@ -65,6 +65,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="BPipe's per-stage limit in micro-batches (default ceil((pp+1)/2))",
     )
+    p.add_argument(
+        "--stage-layers",
+        default=None,
+        metavar="L0,L1,...",
+        help="layers per pipeline stage, possibly uneven (default: the split that balances the stages)",
+    )
     p.add_argument("--recompute", default="none", help="none, selective or full")
     p.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -95,10 +101,24 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         device=args.device or "cpu",
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
         bpipe_cap=_bpipe_cap(args),
+        stage_layers=_stage_layers(args),
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")
     return cfg
+
+
+def _stage_layers(args: argparse.Namespace) -> tuple[int, ...]:
+    """--stage-layers 5,6,... as TrialConfig takes it (empty: the default split)."""
+    text = getattr(args, "stage_layers", None)
+    if text is None:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            "--stage-layers", f"expected comma-separated layer counts such as 6,6,5, got {text!r}"
+        ) from None
 
 
 def _bpipe_cap(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ arithmetic shown, so the CLI, the search-space loader and the tuner share one se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -256,6 +257,7 @@ class TrialConfig:
     device: str = "cpu"
     memory_limit: int | None = None
     bpipe_cap: int = 0
+    stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -308,12 +310,10 @@ class TrialConfig:
 
     def _check_layout(self) -> None:
         m, p = self.model, self.pp
-        if m.num_layers % p:
-            raise ConfigError(
-                "--pp",
-                f"must divide --num-layers: {m.num_layers} layers cannot be split into {p} equal "
-                f"stages ({m.num_layers} % {p} = {m.num_layers % p})",
-            )
+        object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+        split_layers(m, p, self.stage_layers)  # raises on a bad explicit split or pp > layers
+        if self.stage_layers == split_layers(m, p):
+            object.__setattr__(self, "stage_layers", ())  # the default, however it was given
         if m.num_heads % self.tp or m.num_kv_heads % self.tp:
             heads = m.num_heads if m.num_heads % self.tp else m.num_kv_heads
             what = "--num-heads" if m.num_heads % self.tp else "--num-kv-heads"
@@ -327,6 +327,13 @@ class TrialConfig:
                 "--tp",
                 f"must divide --ffn-hidden-size ({m.ffn_hidden_size} % {self.tp} = "
                 f"{m.ffn_hidden_size % self.tp})",
+            )
+        if m.vocab_size % self.tp:
+            raise ConfigError(
+                "--tp",
+                f"must divide --vocab-size: the embedding and the LM head are split over the "
+                f"vocabulary ({m.vocab_size} % {self.tp} = {m.vocab_size % self.tp}); pad it to a "
+                f"multiple of 128 x tp as Megatron does",
             )
         check_schedule(self.schedule, p, self.num_microbatches, self.bpipe_cap)
         limit = self.memory_limit
@@ -342,6 +349,11 @@ class TrialConfig:
         return self.tp * self.pp * self.dp
 
     @property
+    def split(self) -> tuple[int, ...]:
+        """Layers per pipeline stage: `stage_layers`, else the default `split_layers`."""
+        return self.stage_layers or split_layers(self.model, self.pp)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.model.seq_len
 
@@ -352,6 +364,7 @@ class TrialConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("model", "extra"):
                 out[f.name] = getattr(self, f.name)
+        out["stage_layers"] = list(self.stage_layers)
         out["world_size"] = self.world_size
         return out
 
@@ -365,7 +378,75 @@ class TrialConfig:
             **{k: data.pop(k) for k in MODEL_FIELDS},
         )
         data.pop("world_size", None)
+        data["stage_layers"] = tuple(data.get("stage_layers") or ())
         return cls(model=model, **data)
+
+
+# Knobs added after stores were first written, with the value that means "as before": a
+# configuration's identity (`identity`, hashed by storage.records.config_hash) leaves such a knob
+# out where it holds that value, so every measurement recorded before the knob existed still
+# matches its configuration.
+LATER_KNOBS: dict[str, Any] = {"stage_layers": []}
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """A configuration dict (`TrialConfig.to_dict`) without the later knobs at their defaults."""
+    return {k: v for k, v in config.items() if not (k in LATER_KNOBS and _same(v, LATER_KNOBS[k]))}
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(default, list):
+        return isinstance(value, (list, tuple)) and list(value) == default
+    return bool(value == default)
+
+
+def _head_layers(spec: ModelSpec) -> float:
+    """The last stage's final norm, head and loss in layers' worth of FLOPs (for the split)."""
+    h, f, kv, s = spec.hidden_size, spec.ffn_hidden_size, spec.num_kv_heads * spec.head_dim, spec.seq_len
+    layer = 2 * (2 * h * h + 2 * h * kv) + 2 * h * f * (2 if spec.family == "gpt" else 3) + 4 * s * h
+    return 2 * h * spec.vocab_size / layer
+
+
+def split_layers(spec: ModelSpec, pp: int, explicit: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Layers per pipeline stage: `explicit` (checked: pp positive counts summing to the layers),
+    else the split that minimises the heaviest stage, counting the last stage's head in layers'
+    worth of FLOPs (`_head_layers`; the embedding is a lookup): an even split where pp divides the
+    layers and the head weighs less than a layer; otherwise the head's stage gets fewer layers,
+    as Megatron's first/last-stage layer options allow. Ties go to the even split's shape.
+    """
+    L = spec.num_layers
+    if explicit:
+        if len(explicit) != pp:
+            raise ConfigError(
+                "--stage-layers", f"must give one layer count per stage: {len(explicit)} counts for --pp {pp}"
+            )
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in explicit):
+            raise ConfigError("--stage-layers", f"every stage needs at least one layer, got {list(explicit)}")
+        if sum(explicit) != L:
+            raise ConfigError(
+                "--stage-layers",
+                f"must add up to --num-layers {L}: {'+'.join(map(str, explicit))} = {sum(explicit)}",
+            )
+        return tuple(explicit)
+    if pp > L:
+        raise ConfigError("--pp", f"at most --num-layers ({L}) stages, got {pp}: every stage needs a layer")
+    return _balanced(L, pp, _head_layers(spec))
+
+
+@functools.lru_cache(maxsize=4096)
+def _balanced(layers: int, pp: int, head: float) -> tuple[int, ...]:
+    if pp == 1:
+        return (layers,)
+    base, extra = divmod(layers, pp)
+    even = [base + (1 if i < extra else 0) for i in range(pp)]  # the remainder on the first stages
+    best, best_load = tuple(even), max(even[:-1] + [even[-1] + head])
+    for last in range(1, layers - pp + 2):  # the head's stage takes `last` layers, the rest share
+        rest_base, rest_extra = divmod(layers - last, pp - 1)
+        rest = [rest_base + (1 if i < rest_extra else 0) for i in range(pp - 1)]
+        load = max(max(rest), last + head)
+        if load < best_load - 1e-9:
+            best, best_load = (*rest, last), load
+    return best
 
 
 def model_flops_per_token(spec: ModelSpec, *, recompute: str) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from autotune.config import KNOBS
+from autotune.config import KNOBS, identity
 from autotune.results import Status
 
 FINISHED_STATUSES = tuple(s.value for s in Status)  # how a trial can end (autotune.results)
@@ -44,8 +44,10 @@ def json_default(value: Any) -> Any:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of a normalised configuration dict."""
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+    """SHA-256 (hex) of the canonical JSON of a normalised configuration dict's identity (the
+    dict without knobs added later that hold their defaults: `autotune.config.identity`), so a
+    configuration stored before such a knob existed keeps its hash."""
+    return hashlib.sha256(canonical_json(identity(config)).encode()).hexdigest()
 
 
 def fingerprint_hash(info: dict[str, Any]) -> str:

@@ -7,15 +7,18 @@
   (`num_kv_heads` key/value heads, expanded to `num_heads`) with RoPE (base 10000) on q and k,
   and a SwiGLU MLP (gate, up, down); no biases; a final RMSNorm and an untied LM head.
 
-`build_stage` builds stage `s` of a uniform split: layers [s*L/p, (s+1)*L/p), plus the
-embeddings on stage 0 and the final norm, head and loss on the last stage. Parameter names are
-the full model's names (`layers` is keyed by the global layer index), and every parameter is
-initialised from its own generator seeded by (seed, name) at its full shape, so any split and
-any tensor-parallel rank holds exactly the matching slices of `build_full_model`'s parameters.
+`build_stage` builds stage `s` of a split (uniform, layers [s*L/p, (s+1)*L/p), unless `split`
+gives each stage's count), plus the embeddings on stage 0 and the final norm, head and loss on
+the last stage. Parameter names are the full model's names (`layers` is keyed by the global
+layer index), and every parameter is initialised from its own generator seeded by (seed, name)
+at its full shape, so any split and any tensor-parallel rank holds exactly the matching slices
+of `build_full_model`'s parameters.
 
 Tensor parallel (Megatron, no sequence parallel): q/k/v, fc1 and gate/up are column-parallel
-(heads split evenly over the ranks), o, fc2 and down row-parallel; norms, embeddings and the
-head are replicated. Constants (RoPE tables, the causal mask) are non-persistent buffers made
+(heads split evenly over the ranks), o, fc2 and down row-parallel; the token embedding and the
+LM head are split over the vocabulary, with the loss computed from the split logits
+(`tensor_parallel.VocabParallelEmbedding`, `vocab_parallel_cross_entropy`); norms and gpt's
+position embedding are replicated. Constants (RoPE tables, the causal mask) are non-persistent buffers made
 once, so an activation counter that skips parameter and buffer storages sees only activations.
 """
 
@@ -37,9 +40,12 @@ from trial_runners.tensor_parallel import (
     SHARD_DIM_ATTR,
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelEmbedding,
     copy_to_tp_region,
     tp_rank,
     tp_size,
+    vocab_parallel_cross_entropy,
+    vocab_range,
 )
 
 Rope = tuple[Tensor, Tensor]
@@ -177,15 +183,25 @@ class StageModule(nn.Module):
         tp_group: Any,
         device: Any,
         dtype: torch.dtype,
+        split: tuple[int, ...] | None = None,
     ):
         super().__init__()
-        _check_split(spec, stage=stage, num_stages=num_stages, recompute=recompute, tp=tp_size(tp_group))
-        per_stage = spec.num_layers // num_stages
+        split = _check_split(
+            spec, stage=stage, num_stages=num_stages, recompute=recompute, tp=tp_size(tp_group), split=split
+        )
         self.spec, self.stage, self.num_stages, self.recompute = spec, stage, num_stages, recompute
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
-        self.layer_ids = range(stage * per_stage, (stage + 1) * per_stage)
+        start = sum(split[:stage])
+        self.layer_ids = range(start, start + split[stage])
         h, v, T = spec.hidden_size, spec.vocab_size, spec.seq_len
-        self.embed = nn.Embedding(v, h, device=device, dtype=dtype) if self.is_first else None
+        self.tp_group = tp_group if tp_size(tp_group) > 1 else None  # vocabulary split when set
+        self.embed: nn.Module | None = None
+        if self.is_first:
+            self.embed = (
+                VocabParallelEmbedding(v, h, tp_group, device=device, dtype=dtype)
+                if self.tp_group is not None
+                else nn.Embedding(v, h, device=device, dtype=dtype)
+            )
         self.pos_embed = (
             nn.Embedding(T, h, device=device, dtype=dtype) if self.is_first and spec.family == "gpt" else None
         )
@@ -194,7 +210,13 @@ class StageModule(nn.Module):
             {str(i): Block(spec, selective=recompute == "selective", **kw) for i in self.layer_ids}
         )
         self.norm = _norm(spec, device, dtype) if self.is_last else None
-        self.head = nn.Linear(h, v, bias=False, device=device, dtype=dtype) if self.is_last else None
+        self.head: nn.Module | None = None
+        if self.is_last:
+            self.head = (
+                ColumnParallelLinear(h, v, tp_group, bias=False, device=device, dtype=dtype)
+                if self.tp_group is not None
+                else nn.Linear(h, v, bias=False, device=device, dtype=dtype)
+            )
         # Constants, made once as non-persistent buffers (not in the state dict, not counted as activations).
         llama = spec.family == "llama"
         cos, sin = rope_tables(T, spec.head_dim)  # (T, hs) each
@@ -233,15 +255,22 @@ class StageModule(nn.Module):
             return x  # (B, T, H)
         if targets is None:
             raise ValueError("the last stage needs targets (B, T) to compute the loss")
-        logits = self.head(self.norm(x))  # (B, T, V)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.tp_group is None:
+            logits = self.head(self.norm(x))  # (B, T, V)
+            return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        logits = self.head(copy_to_tp_region(self.norm(x), self.tp_group))  # (B, T, V/t)
+        start, _ = vocab_range(self.spec.vocab_size, self.tp_group)
+        return vocab_parallel_cross_entropy(logits, targets, start, self.tp_group).mean()
 
     def output_shape(self, micro_batch_size: int) -> tuple[int, ...]:
         """(B, T, H) for a stage that passes hidden states on, () for the last stage's loss."""
         return () if self.is_last else (micro_batch_size, self.spec.seq_len, self.spec.hidden_size)
 
 
-def _check_split(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str, tp: int) -> None:
+def _check_split(
+    spec: ModelSpec, *, stage: int, num_stages: int, recompute: str, tp: int, split: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """The layers per stage (`split`, else the even split), checked."""
     if spec.family not in FAMILIES:
         raise ValueError(f"unknown model family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
     if recompute not in RECOMPUTE:
@@ -249,7 +278,10 @@ def _check_split(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str
     if num_stages < 1 or not 0 <= stage < num_stages:
         raise ValueError(f"stage must be in [0, num_stages={num_stages}), got {stage}")
     L = spec.num_layers
-    if L % num_stages:
+    if split is not None:
+        if len(split) != num_stages or sum(split) != L or min(split) < 1:
+            raise ValueError(f"split {list(split)} does not give {num_stages} stages of {L} layers")
+    elif L % num_stages:
         raise ValueError(
             f"{L} layers cannot be split into {num_stages} equal stages "
             f"({L} % {num_stages} = {L % num_stages})"
@@ -258,9 +290,11 @@ def _check_split(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str
         ("num_heads", spec.num_heads),
         ("num_kv_heads", spec.num_kv_heads),
         ("ffn_hidden_size", spec.ffn_hidden_size),
+        ("vocab_size", spec.vocab_size),
     ):
         if n % tp:
             raise ValueError(f"tensor parallel {tp} must divide {what} ({n} % {tp} = {n % tp})")
+    return tuple(split) if split is not None else (L // num_stages,) * num_stages
 
 
 def _param_generator(seed: int, name: str) -> torch.Generator:
@@ -305,8 +339,10 @@ def build_stage(
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    split: tuple[int, ...] | None = None,
 ) -> StageModule:
-    """Stage `stage` of `num_stages` (uniform split), sharded over `tp_group` (None: no TP).
+    """Stage `stage` of `num_stages`, sharded over `tp_group` (None: no TP); `split` gives the
+    layers per stage (None: uniform).
 
     Args:
         recompute: "none"; "selective" (checkpoint the attention core only); "full" (checkpoint
@@ -323,6 +359,7 @@ def build_stage(
         tp_group=tp_group,
         device=device,
         dtype=dtype,
+        split=split,
     )
     _init_parameters(model, seed=seed, tp_group=tp_group)
     return model

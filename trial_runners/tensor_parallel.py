@@ -1,10 +1,17 @@
-"""Megatron-style tensor parallelism (no sequence parallel): two autograd regions, two linears.
+"""Megatron-style tensor parallelism (no sequence parallel): two autograd regions, two linears,
+the vocabulary-parallel embedding and cross-entropy.
 
 A column-parallel linear splits its output features over the `t` ranks of a group; a
 row-parallel linear splits its input features and all-reduces the partial products. A block
 calls `copy_to_tp_region` once on the (replicated) input of its column-parallel layers, so the
 input gradient is summed over the ranks in backward, and the row-parallel layer ends with
 `reduce_from_tp_region`. With no group, or a group of one rank, everything is a plain linear.
+
+No rank holds the whole vocabulary (Megatron's `VocabParallelEmbedding` and
+`vocab_parallel_cross_entropy`): rank r holds the rows [r*V/t, (r+1)*V/t) of the token
+embedding and of the LM head (a column-parallel linear), looks up only its own tokens and
+all-reduces the sum, and the loss is computed from the split logits with three all-reduces of
+per-token figures (the max, the sum of exponentials, the target's logit).
 
 The linears hold only their local shard; each sharded parameter carries `tp_shard_dim` (0 for
 column-parallel weights and biases, 1 for row-parallel weights), so the full tensor is
@@ -138,3 +145,78 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = reduce_from_tp_region(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
+
+
+def vocab_range(vocab_size: int, group: Group) -> tuple[int, int]:
+    """The [start, end) rows of the vocabulary this rank holds."""
+    local = _shard(vocab_size, tp_size(group), "vocabulary")
+    start = tp_rank(group) * local
+    return start, start + local
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with its rows split over the group; the output is all-reduced (replicated).
+
+    Saved for backward (per micro-batch): the shifted int64 indices and the bool mask of tokens
+    outside this rank's rows.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        group: Group = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.start, self.end = vocab_range(vocab_size, group)
+        self.weight = nn.Parameter(
+            torch.empty(self.end - self.start, hidden_size, device=device, dtype=dtype)
+        )
+        setattr(self.weight, SHARD_DIM_ATTR, 0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        outside = (tokens < self.start) | (tokens >= self.end)
+        local = (tokens - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits split over the vocabulary (Megatron's formulation)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor, start: int, group: Group) -> Tensor:
+        ctx.dtype = logits.dtype
+        logits = logits.float()
+        peak = logits.max(dim=-1).values
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - peak.unsqueeze(-1)
+        outside = (targets < start) | (targets >= start + logits.shape[-1])
+        local = (targets - start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(target_logit, group=group)
+        exp = shifted.exp_()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, group=group)
+        softmax = exp.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, outside)
+        return total.log_() - target_logit
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        softmax, local, outside = ctx.saved_tensors
+        out = softmax.clone()
+        rows = out.view(-1, out.shape[-1])
+        hit = (~outside).view(-1).to(out.dtype)
+        rows[torch.arange(rows.shape[0], device=rows.device), local.view(-1)] -= hit
+        return (out * grad.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, targets: Tensor, start: int, group: Group) -> Tensor:
+    """Per-token loss (fp32) of `logits` (..., V/t) holding vocabulary rows [start, start + V/t)."""
+    out: Tensor = _VocabParallelCrossEntropy.apply(logits, targets, start, group)
+    return out

@@ -121,6 +121,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         tp_group=tp_group,
         seed=run.get("seed", 0),
         device=device,
+        split=cfg.split,
     )
     schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)

@@ -31,7 +31,11 @@ key/value width (num_kv_heads * head_dim), tensor parallel `t`, `d` bytes per el
 
 The first stage adds the int64 tokens the embedding keeps (`8*b*s`); the last stage adds the
 final norm (as above), the fp32 log-softmax of the logits `b*s*V*4` (the logits themselves are
-not kept), the int64 targets `8*b*s` and the loss's fp32 total weight (4 bytes).
+not kept), the int64 targets `8*b*s` and the loss's fp32 total weight (4 bytes). With the
+vocabulary split over t > 1 ranks (`tensor_parallel.VocabParallelEmbedding`,
+`vocab_parallel_cross_entropy`) the embedding keeps its shifted int64 indices and a bool mask
+(`9*b*s`) and the loss its fp32 softmax `b*s*V/t*4`, the shifted int64 targets and their bool
+mask (`9*b*s`).
 """
 
 from __future__ import annotations
@@ -42,17 +46,27 @@ FP32 = 4  # norm statistics, SDPA's log-sum-exp, the loss's log-softmax: fp32 on
 INT64 = 8  # tokens and targets
 
 
+def stage_layer_count(spec: ModelSpec, *, stage: int, num_stages: int, layers: int | None) -> int:
+    """`layers` (an uneven split's count for this stage), else the even split's L / num_stages."""
+    if num_stages < 1 or not 0 <= stage < num_stages:
+        raise ValueError(f"stage must be in [0, num_stages={num_stages}), got {stage}")
+    if layers is not None:
+        if not 1 <= layers <= spec.num_layers:
+            raise ValueError(f"a stage holds 1 to {spec.num_layers} layers, got {layers}")
+        return layers
+    if spec.num_layers % num_stages:
+        raise ValueError(f"{spec.num_layers} layers do not split into {num_stages} equal stages")
+    return spec.num_layers // num_stages
+
+
 def _check(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str, tp: int) -> None:
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
-    if num_stages < 1 or not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be in [0, num_stages={num_stages}), got {stage}")
-    if spec.num_layers % num_stages:
-        raise ValueError(f"{spec.num_layers} layers do not split into {num_stages} equal stages")
     for what, n in (
         ("num_heads", spec.num_heads),
         ("num_kv_heads", spec.num_kv_heads),
         ("ffn_hidden_size", spec.ffn_hidden_size),
+        ("vocab_size", spec.vocab_size),
     ):
         if tp < 1 or n % tp:
             raise ValueError(f"tensor parallel {tp} must divide {what} ({n})")
@@ -116,15 +130,24 @@ def layer_activation_bytes(
     return norms + attention + mlp
 
 
-def embed_activation_bytes(spec: ModelSpec, *, micro_batch_size: int) -> int:
-    """The first stage's extra: the int64 token ids the embedding keeps."""
-    return micro_batch_size * spec.seq_len * INT64
+BOOL = 1  # the vocabulary-parallel masks
 
 
-def head_activation_bytes(spec: ModelSpec, *, micro_batch_size: int, dtype_bytes: int = 4) -> int:
-    """The last stage's extra: final norm, fp32 log-softmax, int64 targets, the loss's total weight."""
+def embed_activation_bytes(spec: ModelSpec, *, micro_batch_size: int, tp: int = 1) -> int:
+    """The first stage's extra: the int64 token ids the embedding keeps (split vocabulary: the
+    shifted ids and the bool mask of tokens another rank holds)."""
     tokens = micro_batch_size * spec.seq_len
-    return _norm_bytes(spec, tokens, dtype_bytes) + tokens * spec.vocab_size * FP32 + tokens * INT64 + FP32
+    return tokens * INT64 + (tokens * BOOL if tp > 1 else 0)
+
+
+def head_activation_bytes(
+    spec: ModelSpec, *, micro_batch_size: int, dtype_bytes: int = 4, tp: int = 1
+) -> int:
+    """The last stage's extra: final norm, the fp32 log-softmax (softmax of this rank's vocabulary
+    rows when split), the int64 targets, and the loss's total weight (split: the targets' mask)."""
+    tokens = micro_batch_size * spec.seq_len
+    loss = tokens * INT64 + (tokens * BOOL if tp > 1 else FP32)
+    return _norm_bytes(spec, tokens, dtype_bytes) + tokens * (spec.vocab_size // tp) * FP32 + loss
 
 
 def activation_bytes(
@@ -137,15 +160,17 @@ def activation_bytes(
     recompute: str,
     tp: int = 1,
     dtype_bytes: int = 4,
+    layers: int | None = None,
 ) -> int:
-    """Saved-for-backward bytes of ONE micro-batch on stage `stage` (one tensor-parallel rank).
+    """Saved-for-backward bytes of ONE micro-batch on stage `stage` (one tensor-parallel rank)
+    holding `layers` layers (None: the even split's).
 
     Equals the executor's `microbatch_bytes` (ActivationTracker) for CPU fp32 runs.
     """
     _check(spec, stage=stage, num_stages=num_stages, recompute=recompute, tp=tp)
+    layers = stage_layer_count(spec, stage=stage, num_stages=num_stages, layers=layers)
     if micro_batch_size < 1 or dtype_bytes < 1:
         raise ValueError("micro_batch_size and dtype_bytes must be positive")
-    layers = spec.num_layers // num_stages
     total = layers * layer_activation_bytes(
         spec,
         micro_batch_size=micro_batch_size,
@@ -155,7 +180,9 @@ def activation_bytes(
         dtype_bytes=dtype_bytes,
     )
     if stage == 0:
-        total += embed_activation_bytes(spec, micro_batch_size=micro_batch_size)
+        total += embed_activation_bytes(spec, micro_batch_size=micro_batch_size, tp=tp)
     if stage == num_stages - 1:
-        total += head_activation_bytes(spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes)
+        total += head_activation_bytes(
+            spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, tp=tp
+        )
     return total

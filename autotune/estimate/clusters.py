@@ -7,7 +7,7 @@ an NVLink-class link (`intra_*`), devices in different nodes over an InfiniBand-
 (optional, default 0: GPU presets leave it out; cpu-local measures it).
 
 Presets:
-- `a100-80g-8xN`, `h100-80g-8xN` for N = 1..16 nodes of 8 GPUs (`a100-80g-8x8` is 64 GPUs),
+- `a100-80g-8xN`, `h100-80g-8xN` for N = 1..1024 nodes of 8 GPUs (`a100-80g-8x8` is 64 GPUs),
   from the device table `search_spaces/clusters/devices.yaml` (datasheet figures, cited there);
 - `cpu-local`: this machine, one "device" per CPU core, its RAM as device memory, fp32; the
   link figures come from a profile's measured gloo figures when given
@@ -34,7 +34,8 @@ from autotune.errors import ConfigError, key_name
 from autotune.files import load_yaml, read_yaml
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
-NODE_COUNTS = range(1, 17)
+NODE_COUNTS = range(1, 17)  # the presets cluster_names() lists
+MAX_NODES = 1024  # `<device>-8xN` is accepted for N up to this (8,192 devices: published runs reach 3,072)
 DEVICES_PER_NODE = 8
 CPU_LOCAL = "cpu-local"
 
@@ -61,8 +62,19 @@ _FIELDS = (
     "inter_latency",
     "dtype",
     "post_overhead",
+    "gemm_efficiency",
+    "intra_efficiency",
+    "inter_efficiency",
 )
-_OPTIONAL = ("peak_flops", "dtype", "post_overhead")
+_OPTIONAL = (
+    "peak_flops",
+    "dtype",
+    "post_overhead",
+    "gemm_efficiency",
+    "intra_efficiency",
+    "inter_efficiency",
+)
+_FRACTIONS = ("gemm_efficiency", "intra_efficiency", "inter_efficiency")
 _PRESET = re.compile(r"^(?P<device>[a-z0-9-]+)-(?P<per>\d+)x(?P<nodes>\d+)$")
 
 
@@ -73,6 +85,10 @@ class ClusterSpec:
     `peak_flops` is the dense FLOP/s of one device in the training dtype (bf16 on GPUs), or
     None where unknown (cpu-local: time comes from a profile, or a nominal figure in the cost
     model). `dtype` is the training dtype: "bf16" on GPUs, "fp32" on cpu-local.
+    `gemm_efficiency` is the fraction of `peak_flops` the device's best GEMMs reach (the kernel
+    model, `autotune.estimate.kernels`, scales it down for thin shapes); `intra_efficiency` and
+    `inter_efficiency` the fractions of the links' bandwidths NCCL's collectives and sends reach
+    (the bandwidths are the datasheet's; `link_between` gives the effective figure).
     """
 
     name: str
@@ -88,6 +104,9 @@ class ClusterSpec:
     inter_latency: float
     dtype: str = "bf16"
     post_overhead: float = 0.0
+    gemm_efficiency: float = 0.8
+    intra_efficiency: float = 1.0
+    inter_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -104,6 +123,11 @@ class ClusterSpec:
             _check_number(key, getattr(self, key), positive=True)
         for key in ("intra_latency", "inter_latency", "post_overhead"):
             _check_number(key, getattr(self, key), positive=False)
+        for key in _FRACTIONS:
+            value = getattr(self, key)
+            _check_number(key, value, positive=True)
+            if value > 1:
+                raise ConfigError(key, f"must be a fraction in (0, 1], got {value!r}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -143,9 +167,17 @@ def link_between(cluster: ClusterSpec, a: int, b: int) -> tuple[float, float]:
     if a == b:
         node_of(cluster, a)
         return math.inf, 0.0
-    if node_of(cluster, a) == node_of(cluster, b):
-        return cluster.intra_bandwidth, cluster.intra_latency
-    return cluster.inter_bandwidth, cluster.inter_latency
+    return intra_link(cluster) if node_of(cluster, a) == node_of(cluster, b) else inter_link(cluster)
+
+
+def intra_link(cluster: ClusterSpec) -> tuple[float, float]:
+    """(effective bandwidth, latency) inside a node: the datasheet bandwidth x intra_efficiency."""
+    return cluster.intra_bandwidth * cluster.intra_efficiency, cluster.intra_latency
+
+
+def inter_link(cluster: ClusterSpec) -> tuple[float, float]:
+    """(effective bandwidth, latency) between nodes: the datasheet bandwidth x inter_efficiency."""
+    return cluster.inter_bandwidth * cluster.inter_efficiency, cluster.inter_latency
 
 
 # -- presets and YAML ---------------------------------------------------------------------------
@@ -165,7 +197,8 @@ def device_table() -> dict[str, dict[str, Any]]:
 
 
 def cluster_names() -> list[str]:
-    """Every preset name: `<device>-8xN` for each device row and N in 1..16, and cpu-local."""
+    """The listed preset names: `<device>-8xN` for each device row and N in 1..16 (any N up to
+    MAX_NODES is accepted), and cpu-local."""
     names = [f"{key}-{DEVICES_PER_NODE}x{n}" for key in sorted(device_table()) for n in NODE_COUNTS]
     return [*names, CPU_LOCAL]
 
@@ -201,6 +234,9 @@ def _from_fields(data: dict[str, Any], where: str) -> ClusterSpec:
     values.setdefault("peak_flops", None)
     values.setdefault("dtype", "bf16")
     values["post_overhead"] = _number("post_overhead", values.get("post_overhead", 0.0))
+    for key in _FRACTIONS:
+        if key in values:
+            values[key] = _number(key, values[key])
     values["name"] = str(values["name"])
     values["device"] = str(values["device"])
     return ClusterSpec(**values)
@@ -212,7 +248,7 @@ def _preset(name: str) -> ClusterSpec | None:
         return None
     table = device_table()
     per, nodes = int(match["per"]), int(match["nodes"])
-    if match["device"] not in table or per != DEVICES_PER_NODE or nodes not in NODE_COUNTS:
+    if match["device"] not in table or per != DEVICES_PER_NODE or not 1 <= nodes <= MAX_NODES:
         return None
     row = table[match["device"]]
     return _from_fields({"name": name, "nodes": nodes, "devices_per_node": per, **row}, "devices.yaml")
@@ -288,7 +324,7 @@ def load_cluster(name_or_path: str, *, comm: Any = None) -> ClusterSpec:
         examples = ", ".join(n for n in cluster_names() if n.endswith(("-8x1", "-8x8")))
         raise ConfigError(
             "--cluster",
-            f"unknown cluster {name_or_path!r}; presets are <device>-8xN for N in 1..16 "
+            f"unknown cluster {name_or_path!r}; presets are <device>-8xN for N in 1..{MAX_NODES} "
             f"({examples}, ...) and {CPU_LOCAL}, or a YAML file",
         )
     return preset

@@ -1,12 +1,13 @@
 """The cost model: a (TrialConfig, ClusterSpec) becomes per-stage `StageCosts` for `simulate()`.
 
 Compute time comes from a measured profile where one is given (`stage_costs(..., profile=...)`),
-else from a roofline: `flops / (peak_flops * efficiency(tokens))`, plus, for explicit (unfused)
-attention, the memory-bound time of its (s, s) tensors. Transfers cost `latency + bytes /
+else from the kernel-level model of `autotune.estimate.kernels` (each GEMM from its shape on the
+rank, each memory-bound operation from the bytes it moves). Transfers cost `latency + bytes /
 bandwidth` on the link between the two devices (intra-node NVLink-class or inter-node
-InfiniBand-class, from the placement); all-reduces are rings. Memory: parameters, gradients
-and optimizer state (`static_bytes`) and the saved activations of one micro-batch
-(`act_bytes`, exact for our models: `autotune.estimate.activations`).
+InfiniBand-class, from the placement, at the cluster's link efficiency); all-reduces are
+rings. Memory: parameters, gradients and optimizer state (`static_bytes`) and the saved
+activations of one micro-batch (`act_bytes`, exact for our models:
+`autotune.estimate.activations`).
 
 All tunable constants live in the block below, each with its meaning; calibration against
 measurements is expected to replace them.
@@ -22,45 +23,37 @@ from typing import Any, Protocol
 
 from autotune.config import ModelSpec, TrialConfig
 from autotune.errors import ConfigError
-from autotune.estimate.activations import activation_bytes
-from autotune.estimate.clusters import ClusterSpec, link_between, node_of
+from autotune.estimate import kernels
+from autotune.estimate.activations import activation_bytes, stage_layer_count
+from autotune.estimate.clusters import ClusterSpec, inter_link, intra_link, link_between, node_of
 from autotune.estimate.simulate import StageCosts
 from autotune.placement import Layout, layout_of
 
 __all__ = [
     "activation_bytes",
     "allreduce_time",
-    "attention_memory_time",
     "bytes_per_param",
     "default_placement",
-    "efficiency",
     "head_flops",
     "layer_flops",
     "stage_costs",
     "stage_params",
 ]
 
-# --- constants of the roofline (one place; calibration replaces them) -------------------------
-# Fraction of peak FLOP/s a transformer's matmuls reach at a micro-batch of `t` tokens (per
-# device): E_MAX * t / (t + T_HALF). Small micro-batches under-fill the device; large ones
-# approach E_MAX (large-GEMM efficiency on A100/H100 is ~0.8 of the datasheet peak).
-E_MAX = 0.8
-T_HALF = 512.0  # tokens at which the efficiency is E_MAX / 2
+# --- constants of the cost model (one place; calibration replaces them) ---------------------
 # Peak FLOP/s assumed for a device whose cluster does not say (cpu-local): a nominal fp32
-# figure for one core's worth of work; a profile should be used on CPUs instead.
+# figure for one core's worth of work; a profile should be used on CPUs instead. The kernels'
+# own constants (GEMM shape efficiency, memory-bound passes) are in `autotune.estimate.kernels`.
 NOMINAL_PEAK_FLOPS = 5.0e10
-# Explicit (unfused) attention: full passes over the (b, a/t, s, s) tensors, each pass one read
-# or one write of every element. Forward: write the scores (1), scale (read + write: 2), causal
-# masked_fill (2), softmax (2), read the probabilities for P @ V (1) = 8. Backward: write dP (1),
-# softmax backward (read dP and P, write dS: 3), masked_fill and scale backward (2 + 2), read dS
-# for dQ and dK (2), read P for dV (1) = 11.
-ATTN_FWD_PASSES = 8
-ATTN_BWD_PASSES = 11
 # Bytes per parameter of parameters, gradients and AdamW's state (Megatron's accounting):
 # fp32 training 4 + 4 + 8 = 16 (what the executor counts on CPU); bf16 mixed precision: bf16
 # parameter 2, fp32 gradient 4, fp32 master copy 4, two fp32 moments 8 = 18.
 BYTES_PER_PARAM = {"fp32": 16, "bf16": 18, "fp16": 18}
-GRAD_BYTES = 4  # gradients are all-reduced in fp32
+# Bytes per gradient element in the data-parallel all-reduce: Megatron-LM reduces bf16 runs'
+# gradients in fp32 (bf16 forces --accumulate-allreduce-grads-in-fp32) and fp16 runs' in fp16
+# (its default); fp32 runs in fp32.
+GRAD_BYTES = {"fp32": 4, "bf16": 4, "fp16": 2}
+FP32_BYTES = 4  # the vocabulary-parallel loss's per-token figures
 # The optimizer step is memory-bound: it reads every state of a parameter and writes back all
 # but the gradient; counted as 2 x bytes_per_param of traffic per parameter.
 OPTIMIZER_TRAFFIC_FACTOR = 2.0
@@ -90,34 +83,34 @@ class Profile(Protocol):
 # --- sizes --------------------------------------------------------------------------------------
 
 
-def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int) -> int:
+def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int, layers: int | None = None) -> int:
     """Parameters held by one tensor-parallel rank of stage `stage` (exact for `models.py`).
 
     Column-parallel q, k, v, fc1, gate, up: weights and biases split over `tp`; row-parallel o,
-    fc2, down: weights split, biases replicated; norms, embeddings and the head replicated.
+    fc2, down: weights split, biases replicated; the token embedding and the head split over the
+    vocabulary; norms and gpt's position embedding replicated.
     """
-    if num_stages < 1 or not 0 <= stage < num_stages or spec.num_layers % num_stages:
-        raise ValueError(f"stage {stage} of {num_stages} does not split {spec.num_layers} layers")
+    layers = stage_layer_count(spec, stage=stage, num_stages=num_stages, layers=layers)
     h, f, v, s = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size, spec.seq_len
     kv = spec.num_kv_heads * spec.head_dim
     if spec.family == "gpt":
         column = (h * h + h) + 2 * (h * kv + kv) + (h * f + f)  # q, k, v, fc1 (with biases)
         row = h * h + f * h  # o, fc2 weights
         replicated = 2 * h + 4 * h  # o and fc2 biases; two LayerNorms (weight, bias)
-        embed = v * h + s * h
+        embed = v * h // tp + s * h
         final_norm = 2 * h
     else:
         column = h * h + 2 * h * kv + 2 * h * f  # q, k, v, gate, up
         row = h * h + f * h  # o, down
         replicated = 2 * h  # two RMSNorm weights
-        embed = v * h
+        embed = v * h // tp
         final_norm = h
     per_layer = (column + row) // tp + replicated
-    total = spec.num_layers // num_stages * per_layer
+    total = layers * per_layer
     if stage == 0:
         total += embed
     if stage == num_stages - 1:
-        total += final_norm + h * v
+        total += final_norm + h * v // tp
     return total
 
 
@@ -134,47 +127,30 @@ def layer_flops(
 ) -> tuple[float, float]:
     """(forward, backward) matmul FLOPs of one transformer layer on one tensor-parallel rank.
 
-    Projections: gpt q, o (2*b*s*h*h each), k, v (2*b*s*h*kv each), fc1, fc2 (2*b*s*h*f each);
-    llama the same attention with kv = num_kv_heads * head_dim (grouped-query attention) and
-    SwiGLU gate, up, down (3 x 2*b*s*h*f). Attention core: QK^T and AV, 2 x 2*b*s^2*h, the full
-    (s, s) square (causal masking is not discounted: the explicit path computes it all, and
-    this matches `model_flops_per_token`). Everything is split evenly over `tp`.
-    Backward = 2 x forward; full recompute adds one forward to the backward, selective the
-    attention core's forward.
+    The sum of the layer's GEMMs (`kernels.layer_gemms`): gpt q, o (2*b*s*h*h each), k, v
+    (2*b*s*h*kv each), fc1, fc2 (2*b*s*h*f each); llama the same attention with kv =
+    num_kv_heads * head_dim (grouped-query attention) and SwiGLU gate, up, down (3 x 2*b*s*h*f).
+    Attention core: QK^T and AV, 2 x 2*b*s^2*h, the full (s, s) square (causal masking is not
+    discounted: the explicit path computes it all, and this matches `model_flops_per_token`).
+    Everything is split evenly over `tp`. Backward = 2 x forward; full recompute adds one
+    forward to the backward, selective the attention core's forward.
     """
-    b, s, h, f = micro_batch_size, spec.seq_len, spec.hidden_size, spec.ffn_hidden_size
-    kv = spec.num_kv_heads * spec.head_dim
-    tokens = b * s
-    attn_proj = 2 * tokens * (2 * h * h + 2 * h * kv)
-    mlp = 2 * tokens * h * f * (2 if spec.family == "gpt" else 3)
-    core = 2 * 2 * b * s * s * h
-    fwd = (attn_proj + mlp + core) / tp
+    gemms = kernels.layer_gemms(spec, micro_batch_size=micro_batch_size, tp=tp)
+    fwd = sum(g.flops for g in gemms)
+    core = sum(g.flops for g in gemms if g.core)
     bwd = 2 * fwd
     if recompute == "full":
         bwd += fwd
     elif recompute == "selective":
-        bwd += core / tp
+        bwd += core
     return float(fwd), float(bwd)
 
 
-def head_flops(spec: ModelSpec, *, micro_batch_size: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of the LM head, 2*b*s*h*V (replicated over tp); embedding ~0."""
-    fwd = 2.0 * micro_batch_size * spec.seq_len * spec.hidden_size * spec.vocab_size
+def head_flops(spec: ModelSpec, *, micro_batch_size: int, tp: int = 1) -> tuple[float, float]:
+    """(forward, backward) FLOPs of the LM head on one tensor-parallel rank, 2*b*s*h*V/tp (the
+    vocabulary is split over tp); the embedding is a lookup (~0)."""
+    fwd = kernels.head_gemm(spec, micro_batch_size=micro_batch_size, tp=tp).flops
     return fwd, 2 * fwd
-
-
-def efficiency(tokens: float) -> float:
-    """Fraction of peak FLOP/s reached at `tokens` tokens per micro-batch: E_MAX*t/(t+T_HALF)."""
-    return E_MAX * tokens / (tokens + T_HALF)
-
-
-def attention_memory_time(
-    spec: ModelSpec, *, micro_batch_size: int, tp: int, dtype_bytes: int, hbm_bandwidth: float
-) -> tuple[float, float]:
-    """(forward, backward) memory-bound seconds of explicit attention's (s, s) tensors, per layer."""
-    elements = micro_batch_size * (spec.num_heads // tp) * spec.seq_len**2
-    per_pass = elements * dtype_bytes / hbm_bandwidth
-    return ATTN_FWD_PASSES * per_pass, ATTN_BWD_PASSES * per_pass
 
 
 def allreduce_time(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
@@ -205,8 +181,8 @@ def default_placement(cfg: TrialConfig) -> Placement:
 def _group_link(cluster: ClusterSpec, devices: list[int]) -> tuple[float, float]:
     """The link a collective over `devices` runs on: intra-node if they share a node."""
     if len({node_of(cluster, d) for d in devices}) <= 1:
-        return cluster.intra_bandwidth, cluster.intra_latency
-    return cluster.inter_bandwidth, cluster.inter_latency
+        return intra_link(cluster)
+    return inter_link(cluster)
 
 
 # --- the stage costs ------------------------------------------------------------------------------
@@ -217,19 +193,19 @@ def _profile_times(
 ) -> tuple[float, float]:
     """Stage compute from a profile: layers x per-layer + embedding (first) + head (last).
 
-    A layer measured at the profile's `tp` (1 where it has none) is rescaled to the
-    configuration's tp, compute split evenly over the ranks (the tensor-parallel all-reduces are
-    added by the caller); the embedding and head are replicated, so they are not rescaled.
+    A layer and the head measured at the profile's `tp` (1 where it has none) are rescaled to
+    the configuration's tp, compute split evenly over the ranks (the tensor-parallel all-reduces
+    are added by the caller); the embedding, a lookup, is not rescaled.
     """
     key = (cfg.micro_batch_size, cfg.flash_attention, cfg.recompute)
     threads = _rank_threads(profile, cfg)
     layer = profile.lookup("layer", *key, threads=threads)
     scale = getattr(profile, "tp", 1) / cfg.tp
     fwd, bwd = layers * layer.fwd_s * scale, layers * layer.bwd_s * scale
-    for part, present in (("embed", first), ("head", last)):
+    for part, present, factor in (("embed", first, 1.0), ("head", last, scale)):
         if present:
             entry = profile.lookup(part, *key, threads=threads)
-            fwd, bwd = fwd + entry.fwd_s, bwd + entry.bwd_s
+            fwd, bwd = fwd + entry.fwd_s * factor, bwd + entry.bwd_s * factor
     return fwd, bwd
 
 
@@ -251,27 +227,33 @@ def optimizer_time(
     return params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
 
 
+def _device(cluster: ClusterSpec) -> kernels.Device:
+    return kernels.Device(
+        peak_flops=cluster.peak_flops or NOMINAL_PEAK_FLOPS,
+        gemm_efficiency=cluster.gemm_efficiency,
+        hbm_bandwidth=cluster.hbm_bandwidth,
+        dtype_bytes=cluster.dtype_bytes,
+    )
+
+
 def _roofline_times(
-    cfg: TrialConfig, cluster: ClusterSpec, *, layers: int, last: bool
+    cfg: TrialConfig, cluster: ClusterSpec, *, layers: int, first: bool, last: bool
 ) -> tuple[float, float]:
+    """Stage compute from the kernel model (`autotune.estimate.kernels`): layers x one layer's
+    kernels + the embedding (first stage) + the final norm, head and loss (last stage)."""
     spec, b, tp = cfg.model, cfg.micro_batch_size, cfg.tp
-    peak = cluster.peak_flops or NOMINAL_PEAK_FLOPS
-    rate = peak * efficiency(b * spec.seq_len)
-    lf, lb = layer_flops(spec, micro_batch_size=b, recompute=cfg.recompute, tp=tp)
-    fwd, bwd = layers * lf / rate, layers * lb / rate
-    if not cfg.flash_attention:
-        mf, mb = attention_memory_time(
-            spec,
-            micro_batch_size=b,
-            tp=tp,
-            dtype_bytes=cluster.dtype_bytes,
-            hbm_bandwidth=cluster.hbm_bandwidth,
-        )
-        extra = {"none": 0.0, "selective": mf, "full": mf}[cfg.recompute]  # re-run in the backward
-        fwd, bwd = fwd + layers * mf, bwd + layers * (mb + extra)
+    device = _device(cluster)
+    lf, lb = kernels.layer_times(
+        spec, micro_batch_size=b, tp=tp, recompute=cfg.recompute, flash_attention=cfg.flash_attention,
+        device=device,
+    )  # fmt: skip
+    fwd, bwd = layers * lf, layers * lb
+    if first:
+        ef, eb = kernels.embed_times(spec, micro_batch_size=b, device=device)
+        fwd, bwd = fwd + ef, bwd + eb
     if last:
-        hf, hb = head_flops(spec, micro_batch_size=b)
-        fwd, bwd = fwd + hf / rate, bwd + hb / rate
+        hf, hb = kernels.head_times(spec, micro_batch_size=b, tp=tp, device=device)
+        fwd, bwd = fwd + hf, bwd + hb
     return fwd, bwd
 
 
@@ -308,12 +290,12 @@ def _links(
 ) -> list[Links]:
     def link(a: int, b: int) -> tuple[float, float]:
         if oversubscribed:
-            return (cluster.intra_bandwidth, cluster.intra_latency) if a != b else (math.inf, 0.0)
+            return intra_link(cluster) if a != b else (math.inf, 0.0)
         return link_between(cluster, a, b)
 
     def group_link(devices: list[int]) -> tuple[float, float]:
         if oversubscribed:
-            return cluster.intra_bandwidth, cluster.intra_latency
+            return intra_link(cluster)
         return _group_link(cluster, devices)
 
     out: list[Links] = []
@@ -338,30 +320,37 @@ def stage_costs(
 
     - fwd/bwd: compute (profile or roofline) + the tensor-parallel all-reduces (2 per layer in
       forward, 2 in backward, 2 more with full recompute; b*s*h elements each, ring over the tp
-      group's link);
+      group's link; one more for the split embedding's output on the first stage, and on the
+      last the head's input gradient and the split loss's three per-token fp32 all-reduces);
     - send_act: one activation (b*s*h elements) to the next stage over their link;
     - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
     - post: the cluster's `post_overhead`, the thread time of each send or receive posted;
-    - tail: the data-parallel all-reduce of the stage's fp32 gradients plus the optimizer step;
+    - tail: the data-parallel all-reduce of the stage's gradients (GRAD_BYTES) plus the optimizer
+      step;
     - act_bytes: saved bytes of one micro-batch; static_bytes: parameters x bytes_per_param.
     """
     links = _stage_links(cfg, cluster, placement)
     spec, p, b, tp = cfg.model, cfg.pp, cfg.micro_batch_size, cfg.tp
     d = cluster.dtype_bytes
-    layers = spec.num_layers // p
+    split = cfg.split
     hidden_bytes = b * spec.seq_len * spec.hidden_size * d
     out: list[StageCosts] = []
     for s in range(p):
-        first, last = s == 0, s == p - 1
+        first, last, layers = s == 0, s == p - 1, split[s]
         tp_link, send_link, evict_link, dp_link = links[s]
         if profile is not None:
             fwd, bwd = _profile_times(profile, cfg, layers=layers, first=first, last=last)
         else:
-            fwd, bwd = _roofline_times(cfg, cluster, layers=layers, last=last)
+            fwd, bwd = _roofline_times(cfg, cluster, layers=layers, first=first, last=last)
         if tp > 1:
             one = allreduce_time(hidden_bytes, tp, *tp_link)
             fwd += layers * 2 * one
             bwd += layers * (4 if cfg.recompute == "full" else 2) * one
+            if first:  # the split embedding's output
+                fwd += one
+            if last:  # the head's input gradient; the loss's max, sum and target logit per token
+                bwd += one
+                fwd += 3 * allreduce_time(b * spec.seq_len * FP32_BYTES, tp, *tp_link)
         send = 0.0 if last else transfer_time(hidden_bytes, *send_link)
         act = activation_bytes(
             spec,
@@ -372,12 +361,13 @@ def stage_costs(
             recompute=cfg.recompute,
             tp=tp,
             dtype_bytes=d,
+            layers=layers,
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
-        params = stage_params(spec, stage=s, num_stages=p, tp=tp)
+        params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)
         tail = optimizer_time(cfg, cluster, params, profile=profile)
         if cfg.dp > 1:
-            tail += allreduce_time(params * GRAD_BYTES, cfg.dp, *dp_link)
+            tail += allreduce_time(params * GRAD_BYTES[cluster.dtype], cfg.dp, *dp_link)
         out.append(
             StageCosts(
                 fwd=fwd,

@@ -41,8 +41,9 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 120) -> Run:
 
 # id -> (argv, the flag the one-line error must name)
 BAD_INPUT: dict[str, tuple[list[str], str]] = {
-    "trial-pp-not-dividing-layers": ([*TRIAL, "--pp", "3"], "--pp"),
-    "trial-default-device-pp": (["trial", "--model", "tiny-gpt", "--pp", "3"], "--pp"),
+    "trial-more-stages-than-layers": ([*TRIAL, "--pp", "5"], "--pp"),
+    "trial-default-device-pp": (["trial", "--model", "tiny-gpt", "--pp", "5"], "--pp"),
+    "trial-stage-layers-not-adding-up": ([*TRIAL, "--pp", "2", "--stage-layers", "3,3"], "--stage-layers"),
     "trial-tp-not-dividing-heads": ([*TRIAL, "--tp", "3"], "--tp"),
     "trial-1f1b-too-few-microbatches": (
         [*TRIAL, "--schedule", "1f1b", "--pp", "4", "--num-microbatches", "2"],

@@ -68,12 +68,15 @@ def test_node_of_and_links() -> None:
     assert node_of(c, 0) == 0 and node_of(c, 7) == 0 and node_of(c, 8) == 1 and node_of(c, 15) == 1
     with pytest.raises(ValueError):
         node_of(c, 16)
-    assert link_between(c, 0, 7) == (300e9, 5e-6)
-    assert link_between(c, 7, 8) == (25e9, 1e-5)
+    # the datasheet bandwidths at NCCL's efficiency on them
+    assert link_between(c, 0, 7) == (300e9 * c.intra_efficiency, 5e-6)
+    assert link_between(c, 7, 8) == (25e9 * c.inter_efficiency, 1e-5)
+    assert 0.5 < c.intra_efficiency < 1 and 0.5 < c.inter_efficiency < 1
+    assert load_cluster("a100-80g-8x384").world_size == 3072  # the largest published run
     assert link_between(c, 3, 3) == (math.inf, 0.0)
 
 
-@pytest.mark.parametrize("name", ["a100-80g-8x0", "a100-80g-8x17", "a100-80g-4x2", "v100-8x1", "nope"])
+@pytest.mark.parametrize("name", ["a100-80g-8x0", "a100-80g-8x1025", "a100-80g-4x2", "v100-8x1", "nope"])
 def test_unknown_presets(name: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_cluster(name)

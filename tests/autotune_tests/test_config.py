@@ -221,7 +221,7 @@ def test_bpipe_cap_below_pair_balance_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field", "match"),
     [
-        ({"pp": 3}, "--pp", r"must divide --num-layers: 4 layers .* \(4 % 3 = 1\)"),
+        ({"pp": 5, "num_microbatches": 5}, "--pp", r"at most --num-layers \(4\) stages, got 5"),
         ({"tp": 3}, "--tp", r"must divide --num-heads: 4 heads cannot be split over 3 ranks"),
         ({"model_name": "tiny-llama", "tp": 4}, "--tp", r"must divide --num-kv-heads: 2 heads"),
         ({"schedule": "1f1b", "pp": 4, "num_microbatches": 2}, "--num-microbatches", r"\(2 < --pp 4\)"),
@@ -309,3 +309,40 @@ def test_parse_bytes_rejects_non_positive(text: str | int) -> None:
 def test_parse_bytes_names_the_given_field() -> None:
     with raises_on("device_memory", "expected a size"):
         parse_bytes("lots", "device_memory")
+
+
+def test_stage_splits_default_explicit_and_refused() -> None:
+    from autotune.config import split_layers
+
+    bloom = ModelSpec("bloom-176b", "gpt", 70, 14336, 112, 2048, 250880, 57344)
+    split = split_layers(bloom, 12)
+    assert sum(split) == 70 and len(split) == 12 and max(split) == 6  # ceil(70 / 12)
+    # its 250,880-word head weighs ~1.4 layers: the head's stage takes 4 layers (5.4 in all)
+    assert split == (6,) * 11 + (4,)
+    cfg = TrialConfig(model=bloom, tp=4, pp=12, num_microbatches=12)  # accepted (pp need not divide)
+    assert cfg.split == split and cfg.stage_layers == ()
+    assert split_layers(load_model("gpt3-175b"), 8) == (12,) * 8  # even where pp divides
+    explicit = TrialConfig(model=load_model("tiny-gpt"), pp=2, stage_layers=(1, 3))
+    assert explicit.split == (1, 3) and explicit.to_dict()["stage_layers"] == [1, 3]
+    assert TrialConfig.from_dict(explicit.to_dict()) == explicit
+    same = TrialConfig(model=load_model("tiny-gpt"), pp=2, stage_layers=(2, 2))
+    assert same.stage_layers == () and same == TrialConfig(model=load_model("tiny-gpt"), pp=2)
+    for bad, rule in (((1, 2), "add up to --num-layers 4"), ((4,), "one layer count per stage"),
+                      ((0, 4), "at least one layer")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            TrialConfig(model=load_model("tiny-gpt"), pp=2, stage_layers=bad)
+        assert err.value.field == "--stage-layers" and rule in err.value.rule
+    with pytest.raises(ConfigError, match="at most --num-layers"):
+        TrialConfig(model=load_model("tiny-gpt"), pp=5, num_microbatches=5)
+
+
+def test_identity_ignores_later_knobs_at_their_defaults() -> None:
+    """A configuration recorded before `stage_layers` existed keeps its hash."""
+    from storage.records import config_hash
+
+    cfg = TrialConfig(model=load_model("tiny-gpt"), pp=2)
+    old = {k: v for k, v in cfg.to_dict().items() if k != "stage_layers"}  # as stored before
+    assert config_hash(cfg.to_dict()) == config_hash(old)
+    assert TrialConfig.from_dict(old) == cfg
+    uneven = TrialConfig(model=load_model("tiny-gpt"), pp=2, stage_layers=(1, 3))
+    assert config_hash(uneven.to_dict()) != config_hash(cfg.to_dict())

@@ -96,7 +96,9 @@ def test_estimate_with_a_profile(tmp_path: Path) -> None:
         (["--model", "tiny-gpt", "--profile", "PROFILE_CORRUPT"], "--profile", "JSON"),
         (["--model", "tiny-gpt", "--profile", "PROFILE_CUDA"], "--profile", "device"),
         (["--model", "tiny-gpt", "--profile", "nosuch.json"], "--profile", "nosuch.json"),
-        (["--model", "tiny-gpt", "--pp", "3"], "--pp", "divide"),
+        (["--model", "tiny-gpt", "--pp", "5"], "--pp", "at most --num-layers (4) stages"),
+        (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "1,2"], "--stage-layers", "1+2 = 3"),
+        (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "2,x"], "--stage-layers", "comma-separated"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], flag: str, words: str) -> None:

@@ -213,7 +213,8 @@ def test_command_lines_pass_their_checks_or_refuse_in_one_line(args: list[str]) 
 # -- a sample of refusals, as a user meets them --------------------------------------------------
 
 REFUSALS = [
-    ["estimate", "--model", "tiny-gpt", "--pp", "3"],
+    ["estimate", "--model", "tiny-gpt", "--pp", "5"],
+    ["estimate", "--model", "tiny-gpt", "--pp", "2", "--stage-layers", "1,2"],
     ["estimate", "--model", "tiny-gpt", "--schedule", "bpipe", "--pp", "2"],
     ["estimate", "--model", "tiny-gpt", "--memory-limit", "1e400"],
     ["estimate", "--model", "tiny-gpt", "--num-microbatches", "65537"],

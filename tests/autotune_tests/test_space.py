@@ -88,20 +88,22 @@ def test_demo_cap_lets_bpipe_fit_where_1f1b_does_not() -> None:
 def test_small_space_count_and_reasons() -> None:
     valid, rejected = space().configs()
     # world size <= 4 leaves (tp, pp, dp) = (1,1,1) (1,1,2) (1,3,1) (1,4,1) (3,1,1), x 4 each;
-    # pp 3 and tp 3 are refused; bpipe at pp 1 is 1f1b; pp 4 at micro-batch 4 has m = 2 < 4.
-    assert len(valid) == 6 and len(rejected) == 42
+    # tp 3 is refused; bpipe at pp 1 is 1f1b; pp 3 and 4 at micro-batch 4 have m = 2 < pp;
+    # pp 3 splits the 4 layers 2 + 1 + 1.
+    assert len(valid) == 8 and len(rejected) == 40
     assert Counter(r.field for r in rejected) == {
-        "max_world_size": 28, "--pp": 4, "--tp": 4, "--schedule": 4, "--num-microbatches": 2,
+        "max_world_size": 28, "--tp": 4, "--schedule": 4, "--num-microbatches": 4,
     }  # fmt: skip
     keys = {(c.tp, c.pp, c.dp, c.micro_batch_size, c.schedule, c.num_microbatches) for c in valid}
     assert keys == {
         (1, 1, 1, 1, "1f1b", 8), (1, 1, 1, 4, "1f1b", 2), (1, 1, 2, 1, "1f1b", 4),
         (1, 1, 2, 4, "1f1b", 1), (1, 4, 1, 1, "1f1b", 8), (1, 4, 1, 1, "bpipe", 8),
+        (1, 3, 1, 1, "1f1b", 8), (1, 3, 1, 1, "bpipe", 8),
     }  # fmt: skip
+    assert {c.split for c in valid if c.pp == 3} == {(2, 1, 1)}
     reasons = {r.field: r.reason for r in rejected}
-    assert "4 layers cannot be split into 3" in reasons["--pp"]
     assert "4 % 3 = 1" in reasons["--tp"]
-    assert "(2 < --pp 4)" in reasons["--num-microbatches"]
+    assert "< --pp" in reasons["--num-microbatches"]
     assert reasons["max_world_size"] == "tp x pp x dp = 3 x 4 x 2 = 24 devices, over max_world_size 4"
     assert all(set(r.knobs) == set(KNOBS) for r in rejected)
 
@@ -144,9 +146,11 @@ def test_config_for() -> None:
     sp = space()
     cfg = sp.config_for({"tp": 1, "pp": 4, "dp": 1, "micro_batch_size": 1, "schedule": "bpipe"})
     assert (cfg.schedule, cfg.bpipe_cap, cfg.num_microbatches) == ("bpipe", 3, 8)
+    uneven = sp.config_for({"tp": 1, "pp": 3, "dp": 1, "micro_batch_size": 1, "schedule": "1f1b"})
+    assert uneven.split == (2, 1, 1)  # pp need not divide the layers
     with pytest.raises(ConfigError) as err:
-        sp.config_for({"tp": 1, "pp": 3, "dp": 1, "micro_batch_size": 1, "schedule": "1f1b"})
-    assert err.value.field == "--pp"
+        sp.config_for({"tp": 3, "pp": 1, "dp": 1, "micro_batch_size": 1, "schedule": "1f1b"})
+    assert err.value.field == "--tp"
     for knobs, field in (
         ({"tp": 1, "pp": 4, "dp": 1, "micro_batch_size": 2, "schedule": "1f1b"}, "knobs.micro_batch_size"),
         ({"tp": 1, "pp": 4, "dp": 1, "schedule": "1f1b"}, "knobs.micro_batch_size"),

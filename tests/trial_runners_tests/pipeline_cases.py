@@ -27,6 +27,7 @@ class Case:
     tp: int = 1
     dp: int = 1
     num_layers: int | None = None
+    stage_layers: tuple[int, ...] = ()
 
     def config(self) -> TrialConfig:
         return TrialConfig(
@@ -38,6 +39,7 @@ class Case:
             schedule=self.schedule,
             recompute=self.recompute,
             flash_attention=self.flash,
+            stage_layers=self.stage_layers,
         )
 
     @property
@@ -47,6 +49,7 @@ class Case:
     def __str__(self) -> str:
         extra = f"-tp{self.tp}" * (self.tp > 1) + f"-dp{self.dp}" * (self.dp > 1)
         layers = f"-L{self.num_layers}" if self.num_layers else ""
+        layers += f"-split{'.'.join(map(str, self.stage_layers))}" if self.stage_layers else ""
         return (
             f"{self.model}{layers}-pp{self.pp}{extra}-m{self.m}-{self.schedule}-{self.recompute}-"
             f"{'flash' if self.flash else 'explicit'}"
@@ -66,6 +69,7 @@ def matrix_cases() -> list[Case]:
     ]
     cases += [
         Case("tiny-gpt", 2, 4, "1f1b", tp=2),
+        Case("tiny-gpt", 2, 5, "1f1b", "selective", False, tp=2, stage_layers=(1, 3)),  # uneven
         Case("tiny-llama", 2, 5, "gpipe", "full", tp=2),
         Case("tiny-llama", 2, 4, "1f1b", dp=2),
         Case("tiny-gpt", 4, 5, "bpipe", "full", False, dp=2),
@@ -78,6 +82,7 @@ def memory_cases() -> list[Case]:
     cases = [Case("tiny-gpt", 3, m, s, num_layers=6) for s in ("1f1b", "gpipe", "bpipe") for m in (3, 7)]
     cases += [Case("tiny-llama", 3, 7, s, "full", False, num_layers=6) for s in ("1f1b", "bpipe")]
     cases += [Case("tiny-gpt", 3, 6, "bpipe", "selective", False, num_layers=6)]
+    cases += [Case("tiny-llama", 3, 5, "bpipe", num_layers=5)]  # pp does not divide: split 2+2+1
     return cases
 
 

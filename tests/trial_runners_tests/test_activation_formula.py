@@ -191,3 +191,34 @@ def test_formula_equals_measured_bytes_tp2(tmp_path: Path) -> None:
     mp.spawn(_tp_worker, args=(str(tmp_path / "rendezvous"), 2, str(tmp_path)), nprocs=2, join=True)
     wrong = [line for r in range(2) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
     assert not wrong, "\n".join(wrong)
+
+
+def test_uneven_split_bytes_and_params_equal_the_formula() -> None:
+    """An uneven split (1 + 3 layers, 3 + 1): each stage's saved bytes and parameters as predicted."""
+    torch.set_num_threads(1)
+    wrong = []
+    for spec in (load_model("tiny-gpt"), load_model("tiny-llama")):
+        for split in ((1, 3), (3, 1), (1, 2, 1)):
+            for stage in range(len(split)):
+                n = len(split)
+                module = build_stage(
+                    spec, stage=stage, num_stages=n, flash_attention=False, recompute="none", split=split
+                )
+                assert list(module.layer_ids) == list(range(sum(split[:stage]), sum(split[: stage + 1])))
+                tracker = ActivationTracker.for_module(module)
+                x = (
+                    torch.zeros(2, spec.seq_len, dtype=torch.long)
+                    if module.is_first
+                    else torch.zeros(2, spec.seq_len, spec.hidden_size, requires_grad=True)
+                )
+                with tracker.capture(0):
+                    module(x, torch.zeros(2, spec.seq_len, dtype=torch.long) if module.is_last else None)
+                want = activation_bytes(
+                    spec, stage=stage, num_stages=len(split), micro_batch_size=2, flash_attention=False,
+                    recompute="none", layers=split[stage],
+                )  # fmt: skip
+                params = sum(p.numel() for p in module.parameters())
+                want_params = stage_params(spec, stage=stage, num_stages=n, tp=1, layers=split[stage])
+                if tracker.sizes.get(0, 0) != want or params != want_params:
+                    wrong.append(f"{spec.name} {split} stage {stage}: {tracker.sizes.get(0, 0)} vs {want}")
+    assert not wrong, "\n".join(wrong)

@@ -171,9 +171,11 @@ def _tp_worker(rank: int, init_file: str, world: int) -> None:
                     torch.testing.assert_close(params[n].detach(), want_param, rtol=0, atol=0)
                     _close(grad, want_grad, f"{name} tp rank {rank}: {n}")
                 assert grads.keys() == ref_grads.keys()
-                # gpt: q, k, v weights and biases, o weight, fc1 weight and bias, fc2 weight; llama: 7 weights
+                # gpt: q, k, v weights and biases, o weight, fc1 weight and bias, fc2 weight; llama: 7
+                # weights; and the token embedding and the head, split over the vocabulary
                 per_layer = 10 if spec.family == "gpt" else 7
-                assert sharded == spec.num_layers * per_layer, sharded
+                assert sharded == spec.num_layers * per_layer + 2, sharded
+                assert params["head.weight"].shape[0] == spec.vocab_size // world
     finally:
         dist.destroy_process_group()
 
