@@ -191,3 +191,25 @@ def test_cpu_local_may_run_more_ranks_than_cores() -> None:
     assert out[0].evict == pytest.approx(1e-4 + out[0].act_bytes / 1e9)
     with pytest.raises(ConfigError):  # a GPU cluster does not oversubscribe
         stage_costs(_cfg("tiny-gpt", pp=4, dp=4), load_cluster("a100-80g-8x1"))
+
+
+def test_balanced_split_gives_1f1b_its_closed_form_bubble() -> None:
+    """With the head's stage given fewer layers (the default split), the simulated 1F1B bubble is
+    within 20 % of (p-1)/(m+p-1); the even-looking split that leaves the head on a full stage is not."""
+    import dataclasses
+
+    from autotune.config import _head_layers
+    from autotune.estimate.estimator import estimate
+
+    base = load_model("gpt3-175b")
+    one_layer_vocab = round(1 / _head_layers(dataclasses.replace(base, vocab_size=1))) // 128 * 128
+    spec = dataclasses.replace(base, num_layers=63, vocab_size=one_layer_vocab)  # head ~ one layer
+    cluster = load_cluster("a100-80g-8x1")  # pp 8 inside one node
+    for m in (16, 64, 256):
+        closed = 7 / (m + 7)
+        balanced = TrialConfig(model=spec, pp=8, num_microbatches=m, recompute="full")
+        assert balanced.split == (8,) * 7 + (7,)
+        bubble = estimate(balanced, cluster)["bubble_fraction"]
+        assert abs(bubble / closed - 1) <= 0.2, (m, bubble, closed)
+        lopsided = dataclasses.replace(balanced, stage_layers=(7,) + (8,) * 7)
+        assert estimate(lopsided, cluster)["bubble_fraction"] > bubble
