@@ -71,6 +71,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         metavar="L0,L1,...",
         help="layers per pipeline stage, possibly uneven (default: the split that balances the stages)",
     )
+    p.add_argument(
+        "--distributed-optimizer",
+        action="store_true",
+        help="shard the optimizer state over the dp ranks (ZeRO-1, Megatron's distributed optimizer)",
+    )
     p.add_argument("--recompute", default="none", help="none, selective or full")
     p.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -102,6 +107,7 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
         bpipe_cap=_bpipe_cap(args),
         stage_layers=_stage_layers(args),
+        distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")

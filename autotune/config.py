@@ -258,6 +258,7 @@ class TrialConfig:
     memory_limit: int | None = None
     bpipe_cap: int = 0
     stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
+    distributed_optimizer: bool = False  # optimizer state sharded over dp (ZeRO-1)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -277,6 +278,10 @@ class TrialConfig:
         self._check_choice("schedule", SCHEDULES)
         self._check_choice("recompute", RECOMPUTE)
         self._check_choice("device", DEVICES)
+        if not isinstance(self.distributed_optimizer, bool):
+            raise ConfigError(
+                "--distributed-optimizer", f"must be true or false, got {self.distributed_optimizer!r}"
+            )
         self._normalise_batch()
         self._check_layout()
 
@@ -386,7 +391,7 @@ class TrialConfig:
 # configuration's identity (`identity`, hashed by storage.records.config_hash) leaves such a knob
 # out where it holds that value, so every measurement recorded before the knob existed still
 # matches its configuration.
-LATER_KNOBS: dict[str, Any] = {"stage_layers": []}
+LATER_KNOBS: dict[str, Any] = {"stage_layers": [], "distributed_optimizer": False}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:

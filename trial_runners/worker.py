@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from autotune.config import TrialConfig
+from autotune.estimate.costs import static_bytes as optimizer_static_bytes
 from autotune.placement import layout_of
 from autotune.schedules import generate, validate
 from trial_runners.data import batch_for_step, microbatch
@@ -31,6 +32,7 @@ from trial_runners.executor import StageExecutor, StageLinks
 from trial_runners.faults import injected
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
+from trial_runners.optimizer import make_optimizer
 
 EXIT_OOM = 3
 
@@ -125,7 +127,10 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
     )
     schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)
-    static_bytes = 4 * sum(p.numel() * p.element_size() for p in module.parameters())  # + grads, 2 moments
+    static_bytes = optimizer_static_bytes(  # parameters, gradients, AdamW's moments (sharded over dp)
+        sum(p.numel() for p in module.parameters()), dtype="fp32", dp=cfg.dp,
+        distributed_optimizer=cfg.distributed_optimizer,
+    )  # fmt: skip
     tracker = ActivationTracker.for_module(module, static_bytes=static_bytes, limit=cfg.memory_limit)
     mb_bytes = _probe_microbatch_bytes(module, cfg, tracker, device)
     executor = StageExecutor(
@@ -191,7 +196,9 @@ def _train(
     The last step's timeline is recorded (`executor.timeline`), from the moment the ranks leave
     its barrier."""
     params = list(executor.module.parameters())
-    optimizer = torch.optim.AdamW(params, lr=run.get("lr", 1e-3))
+    optimizer = make_optimizer(
+        params, lr=run.get("lr", 1e-3), dp_group=dp_group, distributed=cfg.distributed_optimizer
+    )
     times: list[float] = []
     losses: list[float] = []
     evicted = 0

@@ -38,6 +38,7 @@ __all__ = [
     "layer_flops",
     "stage_costs",
     "stage_params",
+    "static_bytes",
 ]
 
 # --- constants of the cost model (one place; calibration replaces them) ---------------------
@@ -117,6 +118,24 @@ def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int, layer
 def bytes_per_param(cluster: ClusterSpec) -> int:
     """Static bytes per parameter: 16 for fp32 training, 18 for bf16 mixed precision."""
     return BYTES_PER_PARAM[cluster.dtype]
+
+
+# The part of BYTES_PER_PARAM that is optimizer state (fp32 master copy where there is one, and
+# AdamW's two fp32 moments): what Megatron's distributed optimizer (ZeRO-1) shards over dp.
+OPTIMIZER_STATE_BYTES = {"fp32": 8, "bf16": 12, "fp16": 12}
+
+
+def static_bytes(params: int, *, dtype: str, dp: int = 1, distributed_optimizer: bool = False) -> int:
+    """Parameters, gradients and optimizer state of `params` parameters on one rank.
+
+    Without the distributed optimizer: params x BYTES_PER_PARAM[dtype]. With it, the optimizer
+    state is sharded over the dp ranks: each holds ceil(params / dp) parameters' worth of it (the
+    flat buffer is padded to a multiple of dp, as the trials' optimizer does).
+    """
+    state = OPTIMIZER_STATE_BYTES[dtype]
+    if not distributed_optimizer or dp == 1:
+        return params * BYTES_PER_PARAM[dtype]
+    return params * (BYTES_PER_PARAM[dtype] - state) + -(-params // dp) * state
 
 
 # --- FLOPs and the roofline -----------------------------------------------------------------------
@@ -327,7 +346,8 @@ def stage_costs(
     - post: the cluster's `post_overhead`, the thread time of each send or receive posted;
     - tail: the data-parallel all-reduce of the stage's gradients (GRAD_BYTES) plus the optimizer
       step;
-    - act_bytes: saved bytes of one micro-batch; static_bytes: parameters x bytes_per_param.
+    - act_bytes: saved bytes of one micro-batch; static_bytes: parameters, gradients and optimizer
+      state (`static_bytes`: its state sharded over dp with the distributed optimizer).
     """
     links = _stage_links(cfg, cluster, placement)
     spec, p, b, tp = cfg.model, cfg.pp, cfg.micro_batch_size, cfg.tp
@@ -365,7 +385,8 @@ def stage_costs(
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
         params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)
-        tail = optimizer_time(cfg, cluster, params, profile=profile)
+        updated = -(-params // cfg.dp) if cfg.distributed_optimizer else params  # its shard only
+        tail = optimizer_time(cfg, cluster, updated, profile=profile)
         if cfg.dp > 1:
             tail += allreduce_time(params * GRAD_BYTES[cluster.dtype], cfg.dp, *dp_link)
         out.append(
@@ -375,7 +396,9 @@ def stage_costs(
                 send_act=send,
                 evict=evict,
                 act_bytes=act,
-                static_bytes=params * bytes_per_param(cluster),
+                static_bytes=static_bytes(
+                    params, dtype=cluster.dtype, dp=cfg.dp, distributed_optimizer=cfg.distributed_optimizer
+                ),
                 tail=tail,
                 post=cluster.post_overhead,
             )

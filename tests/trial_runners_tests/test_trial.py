@@ -180,3 +180,25 @@ def test_killing_the_launcher_kills_its_ranks() -> None:
     while worker_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not worker_pids()
+
+
+def test_distributed_optimizer_trains_the_same_and_shards_the_state() -> None:
+    """dp 2 with the optimizer state sharded (ZeRO-1): the same losses, step after step, as the
+    unsharded optimizer; each rank's static bytes (and the estimate's) hold half the moments."""
+    from autotune.estimate.clusters import load_cluster
+    from autotune.estimate.costs import stage_params
+    from autotune.estimate.estimator import estimate
+
+    base = TrialConfig(model=load_model("tiny-gpt"), dp=2, num_microbatches=2)
+    sharded = TrialConfig(model=load_model("tiny-gpt"), dp=2, num_microbatches=2, distributed_optimizer=True)
+    plain_run, sharded_run = run_trial(base, steps=3), run_trial(sharded, steps=3)
+    assert plain_run.ok and sharded_run.ok, (plain_run.error, sharded_run.error)
+    assert len(plain_run.losses) == 4 and len(set(plain_run.losses)) > 1  # the optimizer moved
+    assert sharded_run.losses == pytest.approx(plain_run.losses, rel=1e-6)
+    params = stage_params(base.model, stage=0, num_stages=1, tp=1)
+    shard = -(-params // 2)
+    for cfg, run, want in ((base, plain_run, 16 * params), (sharded, sharded_run, 8 * params + 8 * shard)):
+        stage = run.stages[0]
+        assert stage.peak_memory_bytes - stage.peak_activation_bytes == want  # parameters, grads, state
+        predicted = estimate(cfg, load_cluster("cpu-local"))["stages"][0]
+        assert predicted["peak_memory_bytes"] == stage.peak_memory_bytes
