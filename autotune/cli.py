@@ -72,6 +72,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help="layers per pipeline stage, possibly uneven (default: the split that balances the stages)",
     )
     p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="split the hidden states between the tensor-parallel regions along the sequence (Megatron)",
+    )
+    p.add_argument(
         "--distributed-optimizer",
         action="store_true",
         help="shard the optimizer state over the dp ranks (ZeRO-1, Megatron's distributed optimizer)",
@@ -108,6 +113,7 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         bpipe_cap=_bpipe_cap(args),
         stage_layers=_stage_layers(args),
         distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
+        sequence_parallel=bool(getattr(args, "sequence_parallel", False)),
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")

@@ -259,6 +259,7 @@ class TrialConfig:
     bpipe_cap: int = 0
     stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
     distributed_optimizer: bool = False  # optimizer state sharded over dp (ZeRO-1)
+    sequence_parallel: bool = False  # hidden states between the tp regions split along the sequence
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -278,10 +279,9 @@ class TrialConfig:
         self._check_choice("schedule", SCHEDULES)
         self._check_choice("recompute", RECOMPUTE)
         self._check_choice("device", DEVICES)
-        if not isinstance(self.distributed_optimizer, bool):
-            raise ConfigError(
-                "--distributed-optimizer", f"must be true or false, got {self.distributed_optimizer!r}"
-            )
+        for name in ("distributed_optimizer", "sequence_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(flag(name), f"must be true or false, got {getattr(self, name)!r}")
         self._normalise_batch()
         self._check_layout()
 
@@ -340,6 +340,14 @@ class TrialConfig:
                 f"vocabulary ({m.vocab_size} % {self.tp} = {m.vocab_size % self.tp}); pad it to a "
                 f"multiple of 128 x tp as Megatron does",
             )
+        if self.sequence_parallel and self.tp == 1:
+            object.__setattr__(self, "sequence_parallel", False)  # nothing to split over: the same run
+        if self.sequence_parallel and m.seq_len % self.tp:
+            raise ConfigError(
+                "--sequence-parallel",
+                f"splits the sequence over the tp ranks: --tp must divide --seq-len "
+                f"({m.seq_len} % {self.tp} = {m.seq_len % self.tp})",
+            )
         check_schedule(self.schedule, p, self.num_microbatches, self.bpipe_cap)
         limit = self.memory_limit
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
@@ -352,6 +360,13 @@ class TrialConfig:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def activation_shape(self) -> tuple[int, int, int]:
+        """What one stage sends the next per micro-batch (and gets back as its gradient):
+        (micro-batch, sequence, hidden), the sequence split over tp with sequence parallelism."""
+        t = self.tp if self.sequence_parallel else 1
+        return self.micro_batch_size, self.model.seq_len // t, self.model.hidden_size
 
     @property
     def split(self) -> tuple[int, ...]:
@@ -391,7 +406,7 @@ class TrialConfig:
 # configuration's identity (`identity`, hashed by storage.records.config_hash) leaves such a knob
 # out where it holds that value, so every measurement recorded before the knob existed still
 # matches its configuration.
-LATER_KNOBS: dict[str, Any] = {"stage_layers": [], "distributed_optimizer": False}
+LATER_KNOBS: dict[str, Any] = {"stage_layers": [], "distributed_optimizer": False, "sequence_parallel": False}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from autotune.config import FAMILIES, RECOMPUTE, ModelSpec
 from trial_runners.tensor_parallel import (
+    SEQUENCE_PARALLEL_ATTR,
     SHARD_DIM_ATTR,
     ColumnParallelLinear,
     RowParallelLinear,
@@ -52,10 +53,18 @@ Rope = tuple[Tensor, Tensor]
 INIT_STD = 0.02
 
 
-def _norm(spec: ModelSpec, device: Any, dtype: torch.dtype) -> nn.Module:
+def _norm(spec: ModelSpec, device: Any, dtype: torch.dtype, *, sp: bool = False) -> nn.Module:
+    """The family's norm; in the sequence-parallel region its parameters are marked for the
+    gradient sum over the tp group (each rank normalises its part of the sequence)."""
+    norm: nn.Module
     if spec.family == "gpt":
-        return nn.LayerNorm(spec.hidden_size, device=device, dtype=dtype)
-    return nn.RMSNorm(spec.hidden_size, eps=1e-5, device=device, dtype=dtype)
+        norm = nn.LayerNorm(spec.hidden_size, device=device, dtype=dtype)
+    else:
+        norm = nn.RMSNorm(spec.hidden_size, eps=1e-5, device=device, dtype=dtype)
+    if sp:
+        for p in norm.parameters():
+            setattr(p, SEQUENCE_PARALLEL_ATTR, True)
+    return norm
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> Rope:
@@ -93,12 +102,21 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None) -> T
 class Attention(nn.Module):
     """Multi-head (gpt) or grouped-query (llama) causal self-attention, column/row parallel."""
 
-    def __init__(self, spec: ModelSpec, *, selective: bool, tp_group: Any, device: Any, dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        selective: bool,
+        tp_group: Any,
+        device: Any,
+        dtype: torch.dtype,
+        sp: bool = False,
+    ):
         super().__init__()
         t, h, hs = tp_size(tp_group), spec.hidden_size, spec.head_dim
         bias = spec.family == "gpt"
-        kw: dict[str, Any] = {"bias": bias, "device": device, "dtype": dtype}
-        self.tp_group, self.selective, self.head_dim = tp_group, selective, hs
+        kw: dict[str, Any] = {"bias": bias, "device": device, "dtype": dtype, "sequence_parallel": sp}
+        self.tp_group, self.selective, self.head_dim, self.sp = tp_group, selective, hs, sp
         self.n_head, self.n_kv_head = spec.num_heads // t, spec.num_kv_heads // t  # local heads
         self.q = ColumnParallelLinear(h, spec.num_heads * hs, tp_group, **kw)
         self.k = ColumnParallelLinear(h, spec.num_kv_heads * hs, tp_group, **kw)
@@ -106,9 +124,12 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(spec.num_heads * hs, h, tp_group, **kw)
 
     def forward(self, x: Tensor, rope: Rope | None, mask: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
-        x = copy_to_tp_region(x, self.tp_group)
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        B = x.shape[0]
+        if not self.sp:  # with sequence parallelism the linears gather x (B, T/t, H) themselves
+            x = copy_to_tp_region(x, self.tp_group)
+        q = self.q(x)
+        T = q.shape[1]  # the whole sequence
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
@@ -119,45 +140,58 @@ class Attention(nn.Module):
         else:
             y = core(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H/t)
-        return self.o(y)  # (B, T, H), all-reduced over the tp group
+        return self.o(y)  # (B, T, H) all-reduced over the tp group (sequence parallel: (B, T/t, H))
 
 
 class GptMLP(nn.Module):
-    def __init__(self, spec: ModelSpec, *, tp_group: Any, device: Any, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, *, tp_group: Any, device: Any, dtype: torch.dtype, sp: bool = False):
         super().__init__()
         h, f = spec.hidden_size, spec.ffn_hidden_size
-        self.tp_group = tp_group
-        self.fc1 = ColumnParallelLinear(h, f, tp_group, bias=True, device=device, dtype=dtype)
-        self.fc2 = RowParallelLinear(f, h, tp_group, bias=True, device=device, dtype=dtype)
+        self.tp_group, self.sp = tp_group, sp
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "sequence_parallel": sp}
+        self.fc1 = ColumnParallelLinear(h, f, tp_group, bias=True, **kw)
+        self.fc2 = RowParallelLinear(f, h, tp_group, bias=True, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = copy_to_tp_region(x, self.tp_group)
+        if not self.sp:
+            x = copy_to_tp_region(x, self.tp_group)
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (B, T, F/t) -> (B, T, H)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, spec: ModelSpec, *, tp_group: Any, device: Any, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, *, tp_group: Any, device: Any, dtype: torch.dtype, sp: bool = False):
         super().__init__()
         h, f = spec.hidden_size, spec.ffn_hidden_size
-        self.tp_group = tp_group
-        self.gate = ColumnParallelLinear(h, f, tp_group, bias=False, device=device, dtype=dtype)
-        self.up = ColumnParallelLinear(h, f, tp_group, bias=False, device=device, dtype=dtype)
-        self.down = RowParallelLinear(f, h, tp_group, bias=False, device=device, dtype=dtype)
+        self.tp_group, self.sp = tp_group, sp
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "sequence_parallel": sp}
+        self.gate = ColumnParallelLinear(h, f, tp_group, bias=False, **kw)
+        self.up = ColumnParallelLinear(h, f, tp_group, bias=False, **kw)
+        self.down = RowParallelLinear(f, h, tp_group, bias=False, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = copy_to_tp_region(x, self.tp_group)
+        if not self.sp:
+            x = copy_to_tp_region(x, self.tp_group)
         return self.down(F.silu(self.gate(x)) * self.up(x))  # (B, T, F/t) -> (B, T, H)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, spec: ModelSpec, *, selective: bool, tp_group: Any, device: Any, dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        selective: bool,
+        tp_group: Any,
+        device: Any,
+        dtype: torch.dtype,
+        sp: bool = False,
+    ):
         super().__init__()
-        kw: dict[str, Any] = {"tp_group": tp_group, "device": device, "dtype": dtype}
-        self.attn_norm = _norm(spec, device, dtype)
+        kw: dict[str, Any] = {"tp_group": tp_group, "device": device, "dtype": dtype, "sp": sp}
+        self.attn_norm = _norm(spec, device, dtype, sp=sp)
         self.attn = Attention(spec, selective=selective, **kw)
-        self.mlp_norm = _norm(spec, device, dtype)
+        self.mlp_norm = _norm(spec, device, dtype, sp=sp)
         self.mlp = GptMLP(spec, **kw) if spec.family == "gpt" else LlamaMLP(spec, **kw)
 
     def forward(self, x: Tensor, rope: Rope | None = None, mask: Tensor | None = None) -> Tensor:
@@ -184,6 +218,7 @@ class StageModule(nn.Module):
         device: Any,
         dtype: torch.dtype,
         split: tuple[int, ...] | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         split = _check_split(
@@ -195,25 +230,30 @@ class StageModule(nn.Module):
         self.layer_ids = range(start, start + split[stage])
         h, v, T = spec.hidden_size, spec.vocab_size, spec.seq_len
         self.tp_group = tp_group if tp_size(tp_group) > 1 else None  # vocabulary split when set
+        self.sp = sp = sequence_parallel and self.tp_group is not None  # hidden states split along T
         self.embed: nn.Module | None = None
         if self.is_first:
             self.embed = (
-                VocabParallelEmbedding(v, h, tp_group, device=device, dtype=dtype)
+                VocabParallelEmbedding(v, h, tp_group, device=device, dtype=dtype, sequence_parallel=sp)
                 if self.tp_group is not None
                 else nn.Embedding(v, h, device=device, dtype=dtype)
             )
         self.pos_embed = (
             nn.Embedding(T, h, device=device, dtype=dtype) if self.is_first and spec.family == "gpt" else None
         )
-        kw: dict[str, Any] = {"tp_group": tp_group, "device": device, "dtype": dtype}
+        if sp and self.pos_embed is not None:
+            setattr(self.pos_embed.weight, SEQUENCE_PARALLEL_ATTR, True)  # each rank adds its positions
+        kw: dict[str, Any] = {"tp_group": tp_group, "device": device, "dtype": dtype, "sp": sp}
         self.layers = nn.ModuleDict(
             {str(i): Block(spec, selective=recompute == "selective", **kw) for i in self.layer_ids}
         )
-        self.norm = _norm(spec, device, dtype) if self.is_last else None
+        self.norm = _norm(spec, device, dtype, sp=sp) if self.is_last else None
         self.head: nn.Module | None = None
         if self.is_last:
             self.head = (
-                ColumnParallelLinear(h, v, tp_group, bias=False, device=device, dtype=dtype)
+                ColumnParallelLinear(
+                    h, v, tp_group, bias=False, device=device, dtype=dtype, sequence_parallel=sp
+                )
                 if self.tp_group is not None
                 else nn.Linear(h, v, bias=False, device=device, dtype=dtype)
             )
@@ -226,18 +266,21 @@ class StageModule(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)  # (T, T), True above the diagonal
 
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Tokens (B, T) on the first stage, hidden states (B, T, H) on the others.
+        """Tokens (B, T) on the first stage, hidden states (B, T, H) on the others ((B, T/t, H),
+        this rank's part of the sequence, with sequence parallelism).
 
         Returns the mean cross-entropy over the micro-batch on the last stage (`targets` (B, T)
-        required), the hidden states (B, T, H) on the others.
+        required), the hidden states on the others.
         """
-        T = x.shape[1]
+        t = tp_size(self.tp_group) if self.sp else 1
+        T = x.shape[1] * (1 if self.embed is not None else t)  # the whole sequence
         if self.spec.seq_len < T:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len {self.spec.seq_len}")
         if self.embed is not None:
-            x = self.embed(x)  # (B, T, H)
+            x = self.embed(x)  # (B, T, H); (B, T/t, H) with sequence parallelism
             if self.pos_embed is not None:
-                x = x + self.pos_embed.weight[:T]  # (B, T, H); slicing saves no index tensor
+                pos = self.pos_embed.weight[:T]  # (T, H); slicing saves no index tensor
+                x = x + (pos.chunk(t, dim=0)[tp_rank(self.tp_group)] if self.sp else pos)
         full = self.recompute == "full" and torch.is_grad_enabled()
         if full and not x.requires_grad:
             raise ValueError(
@@ -252,19 +295,22 @@ class StageModule(nn.Module):
             else:
                 x = block(x, rope, mask)
         if self.norm is None or self.head is None:
-            return x  # (B, T, H)
+            return x  # (B, T, H) or (B, T/t, H)
         if targets is None:
             raise ValueError("the last stage needs targets (B, T) to compute the loss")
         if self.tp_group is None:
             logits = self.head(self.norm(x))  # (B, T, V)
             return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        logits = self.head(copy_to_tp_region(self.norm(x), self.tp_group))  # (B, T, V/t)
+        y = self.norm(x)
+        logits = self.head(y if self.sp else copy_to_tp_region(y, self.tp_group))  # (B, T, V/t)
         start, _ = vocab_range(self.spec.vocab_size, self.tp_group)
         return vocab_parallel_cross_entropy(logits, targets, start, self.tp_group).mean()
 
     def output_shape(self, micro_batch_size: int) -> tuple[int, ...]:
-        """(B, T, H) for a stage that passes hidden states on, () for the last stage's loss."""
-        return () if self.is_last else (micro_batch_size, self.spec.seq_len, self.spec.hidden_size)
+        """(B, T, H) for a stage that passes hidden states on ((B, T/t, H) with sequence
+        parallelism), () for the last stage's loss."""
+        t = tp_size(self.tp_group) if self.sp else 1
+        return () if self.is_last else (micro_batch_size, self.spec.seq_len // t, self.spec.hidden_size)
 
 
 def _check_split(
@@ -340,9 +386,11 @@ def build_stage(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     split: tuple[int, ...] | None = None,
+    sequence_parallel: bool = False,
 ) -> StageModule:
     """Stage `stage` of `num_stages`, sharded over `tp_group` (None: no TP); `split` gives the
-    layers per stage (None: uniform).
+    layers per stage (None: uniform); `sequence_parallel` splits the hidden states between the
+    tensor-parallel regions along the sequence (with a tp group of more than one rank).
 
     Args:
         recompute: "none"; "selective" (checkpoint the attention core only); "full" (checkpoint
@@ -360,6 +408,7 @@ def build_stage(
         device=device,
         dtype=dtype,
         split=split,
+        sequence_parallel=sequence_parallel,
     )
     _init_parameters(model, seed=seed, tp_group=tp_group)
     return model

@@ -7,6 +7,13 @@ calls `copy_to_tp_region` once on the (replicated) input of its column-parallel 
 input gradient is summed over the ranks in backward, and the row-parallel layer ends with
 `reduce_from_tp_region`. With no group, or a group of one rank, everything is a plain linear.
 
+With sequence parallelism (Megatron's `--sequence-parallel`, Korthikanti et al. 2022) the
+hidden states between the column- and row-parallel regions are split along the sequence: a
+rank holds (B, T/t, H), its norms and residual adds run on that part, a column-parallel linear
+all-gathers its input along the sequence (and keeps only its own part for the backward, where
+it gathers it again), and a row-parallel linear reduce-scatters its output instead of
+all-reducing it. Gloo has no reduce-scatter, so it is an all-reduce and a slice here.
+
 No rank holds the whole vocabulary (Megatron's `VocabParallelEmbedding` and
 `vocab_parallel_cross_entropy`): rank r holds the rows [r*V/t, (r+1)*V/t) of the token
 embedding and of the LM head (a column-parallel linear), looks up only its own tokens and
@@ -29,6 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARD_DIM_ATTR = "tp_shard_dim"  # set on sharded parameters: the dim along which they are split
+# Set on replicated parameters used inside the sequence-parallel region (norms, row-parallel
+# biases, gpt's position embedding): each rank's gradient covers its part of the sequence only,
+# so `sync_sequence_parallel_grads` sums them over the tp group after the backward.
+SEQUENCE_PARALLEL_ATTR = "sequence_parallel"
 Group = dist.ProcessGroup | None
 
 
@@ -81,6 +92,72 @@ def reduce_from_tp_region(x: Tensor, group: Group) -> Tensor:
     return out
 
 
+def _gather_sequence(x: Tensor, group: Group) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(tp_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _scatter_sequence(x: Tensor, group: Group) -> Tensor:
+    """The sum over the group of `x` (B, T, ...), this rank's part of the sequence (B, T/t, ...)."""
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    # a copy of its own (a view would keep the whole sequence's storage alive)
+    return x.chunk(tp_size(group), dim=1)[tp_rank(group)].clone(memory_format=torch.contiguous_format)
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Group) -> Tensor:
+        ctx.group = group
+        return _scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _gather_sequence(grad, ctx.group), None
+
+
+def reduce_scatter_to_sequence(x: Tensor, group: Group) -> Tensor:
+    """Sum over `group` and keep this rank's part of the sequence; all-gather in backward."""
+    out: Tensor = _ReduceScatterSequence.apply(x, group)
+    return out
+
+
+class _GatherLinear(torch.autograd.Function):
+    """y = all_gather_sequence(x) @ W^T + b, keeping only x (this rank's part) for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, group: Group) -> Tensor:
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_sequence(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        full = _gather_sequence(x, ctx.group)  # gathered again rather than kept
+        grad_x = _scatter_sequence(grad @ weight, ctx.group)
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ full.reshape(-1, full.shape[-1])
+        grad_b = grad.sum(dim=tuple(range(grad.dim() - 1))) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+def sync_sequence_parallel_grads(module: nn.Module, group: Group) -> None:
+    """Sum over the tp group the gradients of the replicated parameters the sequence-parallel
+    region uses (each rank's covers its part of the sequence)."""
+    grads = [
+        p.grad
+        for p in module.parameters()
+        if getattr(p, SEQUENCE_PARALLEL_ATTR, False) and p.grad is not None
+    ]
+    if not grads or tp_size(group) == 1:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(synced)
+
+
 def _shard(full: int, t: int, what: str) -> int:
     if full % t:
         raise ValueError(
@@ -105,9 +182,11 @@ class ColumnParallelLinear(nn.Module):
         bias: bool,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         t = tp_size(group)
+        self.group, self.sequence_parallel = group, sequence_parallel and t > 1
         local = _shard(out_features, t, "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(local, device=device, dtype=dtype)) if bias else None
@@ -117,6 +196,9 @@ class ColumnParallelLinear(nn.Module):
                     setattr(p, SHARD_DIM_ATTR, 0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:  # x is this rank's part of the sequence: gathered here
+            out: Tensor = _GatherLinear.apply(x, self.weight, self.bias, self.group)
+            return out
         return F.linear(x, self.weight, self.bias)
 
 
@@ -132,18 +214,26 @@ class RowParallelLinear(nn.Module):
         bias: bool,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.group = group
         t = tp_size(group)
+        self.sequence_parallel = sequence_parallel and t > 1
         local = _shard(in_features, t, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         if t > 1:
             setattr(self.weight, SHARD_DIM_ATTR, 1)
+        if self.sequence_parallel and self.bias is not None:
+            setattr(self.bias, SEQUENCE_PARALLEL_ATTR, True)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = reduce_from_tp_region(F.linear(x, self.weight), self.group)
+        partial = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence(partial, self.group)  # (B, T/t, out)
+        else:
+            y = reduce_from_tp_region(partial, self.group)
         return y if self.bias is None else y + self.bias
 
 
@@ -155,7 +245,8 @@ def vocab_range(vocab_size: int, group: Group) -> tuple[int, int]:
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with its rows split over the group; the output is all-reduced (replicated).
+    """Token embedding with its rows split over the group; the output is all-reduced (replicated),
+    or reduce-scattered along the sequence with sequence parallelism.
 
     Saved for backward (per micro-batch): the shifted int64 indices and the bool mask of tokens
     outside this rank's rows.
@@ -169,9 +260,10 @@ class VocabParallelEmbedding(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel and tp_size(group) > 1
         self.start, self.end = vocab_range(vocab_size, group)
         self.weight = nn.Parameter(
             torch.empty(self.end - self.start, hidden_size, device=device, dtype=dtype)
@@ -182,6 +274,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (tokens < self.start) | (tokens >= self.end)
         local = (tokens - self.start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(out, self.group)  # (B, T/t, H)
         return reduce_from_tp_region(out, self.group)
 
 

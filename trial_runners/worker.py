@@ -33,6 +33,7 @@ from trial_runners.faults import injected
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
 from trial_runners.optimizer import make_optimizer
+from trial_runners.tensor_parallel import sync_sequence_parallel_grads
 
 EXIT_OOM = 3
 
@@ -80,10 +81,8 @@ def _probe_microbatch_bytes(
     """Saved bytes of one micro-batch's forward on this stage (all micro-batches are alike)."""
     b, s = cfg.micro_batch_size, cfg.model.seq_len
     tokens = torch.zeros(b, s, dtype=torch.long, device=device)
-    if module.is_first:
-        x = tokens
-    else:
-        x = torch.zeros(b, s, cfg.model.hidden_size, device=device, requires_grad=True)
+    hidden = torch.zeros(cfg.activation_shape, device=device, requires_grad=True)  # this rank's part
+    x = tokens if module.is_first else hidden
     probe = ActivationTracker(tracker.excluded)
     targets = torch.zeros(b, s, dtype=torch.long, device=device)  # its own storage, as in a real step
     with probe.capture(0):
@@ -124,6 +123,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         seed=run.get("seed", 0),
         device=device,
         split=cfg.split,
+        sequence_parallel=cfg.sequence_parallel,
     )
     schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)
@@ -140,13 +140,13 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         first=module.is_first,
         last=module.is_last,
         links=_links(cfg, me, schedule.partner[me.pp], mb_bytes, device),
-        activation_shape=(cfg.micro_batch_size, cfg.model.seq_len, cfg.model.hidden_size),
+        activation_shape=cfg.activation_shape,
         dtype=torch.float32,
         device=device,
         tracker=tracker,
         loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
     )
-    times, losses, evicted = _train(run, cfg, me, executor, dp_group, device)
+    times, losses, evicted = _train(run, cfg, me, executor, dp_group, device, tp_group)
     timeline = executor.timeline or []
     result = {
         "rank": rank,
@@ -191,6 +191,7 @@ def _train(
     executor: StageExecutor,
     dp_group: Any,
     device: torch.device,
+    tp_group: Any = None,
 ) -> tuple[list[float], list[float], int]:
     """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step).
     The last step's timeline is recorded (`executor.timeline`), from the moment the ranks leave
@@ -223,6 +224,7 @@ def _train(
         _inject_fault(run["config"], me.rank, step)
         optimizer.zero_grad(set_to_none=True)
         loss, evicted = executor.run_step(batch, timeline=start if step == last else None)
+        sync_sequence_parallel_grads(executor.module, tp_group)
         if dp_group is not None:
             _all_reduce_grads(params, dp_group)
             loss_t = torch.tensor([loss], device=device)

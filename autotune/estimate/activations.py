@@ -29,6 +29,10 @@ key/value width (num_kv_heads * head_dim), tensor parallel `t`, `d` bytes per el
   `4*b*s*f/t*d`;
 - recompute full: only the block's input `b*s*h*d` (reentrant checkpoint).
 
+With sequence parallelism (tp t > 1, `tensor_parallel`), the norms' tensors (their inputs,
+outputs and statistics, final norm included) and the full-recompute checkpoint's input cover
+`b*s/t` tokens: a column-parallel linear keeps its input's part, not the gathered sequence.
+
 The first stage adds the int64 tokens the embedding keeps (`8*b*s`); the last stage adds the
 final norm (as above), the fp32 log-softmax of the logits `b*s*V*4` (the logits themselves are
 not kept), the int64 targets `8*b*s` and the loss's fp32 total weight (4 bytes). With the
@@ -106,17 +110,19 @@ def layer_activation_bytes(
     recompute: str,
     tp: int = 1,
     dtype_bytes: int = 4,
+    sequence_parallel: bool = False,
 ) -> int:
     """Saved bytes of one transformer layer for one micro-batch, on one tensor-parallel rank."""
     b, s, h, d = micro_batch_size, spec.seq_len, spec.hidden_size, dtype_bytes
     tokens = b * s
+    local = tokens // tp if sequence_parallel else tokens  # the norms' part of the sequence
     if recompute == "full":
-        return tokens * h * d  # the reentrant checkpoint's input
+        return local * h * d  # the reentrant checkpoint's input
     width = h // tp  # local attention width: (num_heads / t) * head_dim
     kv = spec.num_kv_heads * spec.head_dim // tp
     heads = spec.num_heads // tp
     ffn = spec.ffn_hidden_size // tp
-    norms = 2 * _norm_bytes(spec, tokens, d)
+    norms = 2 * _norm_bytes(spec, local, d)
     if recompute == "selective":
         attention = tokens * (2 * width + 2 * kv) * d  # checkpoint inputs q, k, v; the output
     else:
@@ -141,13 +147,20 @@ def embed_activation_bytes(spec: ModelSpec, *, micro_batch_size: int, tp: int = 
 
 
 def head_activation_bytes(
-    spec: ModelSpec, *, micro_batch_size: int, dtype_bytes: int = 4, tp: int = 1
+    spec: ModelSpec,
+    *,
+    micro_batch_size: int,
+    dtype_bytes: int = 4,
+    tp: int = 1,
+    sequence_parallel: bool = False,
 ) -> int:
-    """The last stage's extra: final norm, the fp32 log-softmax (softmax of this rank's vocabulary
-    rows when split), the int64 targets, and the loss's total weight (split: the targets' mask)."""
+    """The last stage's extra: final norm (on this rank's part of the sequence with sequence
+    parallelism), the fp32 log-softmax (softmax of this rank's vocabulary rows when split), the
+    int64 targets, and the loss's total weight (split: the targets' mask)."""
     tokens = micro_batch_size * spec.seq_len
+    local = tokens // tp if sequence_parallel else tokens
     loss = tokens * INT64 + (tokens * BOOL if tp > 1 else FP32)
-    return _norm_bytes(spec, tokens, dtype_bytes) + tokens * (spec.vocab_size // tp) * FP32 + loss
+    return _norm_bytes(spec, local, dtype_bytes) + tokens * (spec.vocab_size // tp) * FP32 + loss
 
 
 def activation_bytes(
@@ -161,9 +174,11 @@ def activation_bytes(
     tp: int = 1,
     dtype_bytes: int = 4,
     layers: int | None = None,
+    sequence_parallel: bool = False,
 ) -> int:
     """Saved-for-backward bytes of ONE micro-batch on stage `stage` (one tensor-parallel rank)
-    holding `layers` layers (None: the even split's).
+    holding `layers` layers (None: the even split's); with `sequence_parallel` (tp > 1) the
+    norms and the full-recompute checkpoints keep only this rank's part of the sequence.
 
     Equals the executor's `microbatch_bytes` (ActivationTracker) for CPU fp32 runs.
     """
@@ -178,11 +193,13 @@ def activation_bytes(
         recompute=recompute,
         tp=tp,
         dtype_bytes=dtype_bytes,
+        sequence_parallel=sequence_parallel and tp > 1,
     )
     if stage == 0:
         total += embed_activation_bytes(spec, micro_batch_size=micro_batch_size, tp=tp)
     if stage == num_stages - 1:
         total += head_activation_bytes(
-            spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, tp=tp
-        )
+            spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, tp=tp,
+            sequence_parallel=sequence_parallel and tp > 1,
+        )  # fmt: skip
     return total

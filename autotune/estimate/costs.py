@@ -264,14 +264,16 @@ def _roofline_times(
     device = _device(cluster)
     lf, lb = kernels.layer_times(
         spec, micro_batch_size=b, tp=tp, recompute=cfg.recompute, flash_attention=cfg.flash_attention,
-        device=device,
+        device=device, sequence_parallel=cfg.sequence_parallel,
     )  # fmt: skip
     fwd, bwd = layers * lf, layers * lb
     if first:
         ef, eb = kernels.embed_times(spec, micro_batch_size=b, device=device)
         fwd, bwd = fwd + ef, bwd + eb
     if last:
-        hf, hb = kernels.head_times(spec, micro_batch_size=b, tp=tp, device=device)
+        hf, hb = kernels.head_times(
+            spec, micro_batch_size=b, tp=tp, device=device, sequence_parallel=cfg.sequence_parallel
+        )
         fwd, bwd = fwd + hf, bwd + hb
     return fwd, bwd
 
@@ -341,7 +343,8 @@ def stage_costs(
       forward, 2 in backward, 2 more with full recompute; b*s*h elements each, ring over the tp
       group's link; one more for the split embedding's output on the first stage, and on the
       last the head's input gradient and the split loss's three per-token fp32 all-reduces);
-    - send_act: one activation (b*s*h elements) to the next stage over their link;
+    - send_act: one activation (b*s*h elements, b*s*h/tp with sequence parallelism: an
+      all-gather and a reduce-scatter move what one all-reduce does) to the next stage;
     - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
     - post: the cluster's `post_overhead`, the thread time of each send or receive posted;
     - tail: the data-parallel all-reduce of the stage's gradients (GRAD_BYTES) plus the optimizer
@@ -371,7 +374,8 @@ def stage_costs(
             if last:  # the head's input gradient; the loss's max, sum and target logit per token
                 bwd += one
                 fwd += 3 * allreduce_time(b * spec.seq_len * FP32_BYTES, tp, *tp_link)
-        send = 0.0 if last else transfer_time(hidden_bytes, *send_link)
+        sent = math.prod(cfg.activation_shape) * d  # the sequence's part with sequence parallelism
+        send = 0.0 if last else transfer_time(sent, *send_link)
         act = activation_bytes(
             spec,
             stage=s,
@@ -382,6 +386,7 @@ def stage_costs(
             tp=tp,
             dtype_bytes=d,
             layers=layers,
+            sequence_parallel=cfg.sequence_parallel,
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
         params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)

@@ -159,9 +159,17 @@ def _pass_time(passes: float, elements: float, bytes_per_element: float, device:
 
 
 def layer_times(
-    spec: ModelSpec, *, micro_batch_size: int, tp: int, recompute: str, flash_attention: bool, device: Device
+    spec: ModelSpec,
+    *,
+    micro_batch_size: int,
+    tp: int,
+    recompute: str,
+    flash_attention: bool,
+    device: Device,
+    sequence_parallel: bool = False,
 ) -> tuple[float, float]:
-    """(forward, backward) seconds of one layer's kernels on one tensor-parallel rank."""
+    """(forward, backward) seconds of one layer's kernels on one tensor-parallel rank; with
+    sequence parallelism the hidden-width operations (norms, residuals) run on t-th of the tokens."""
     tokens = micro_batch_size * spec.seq_len
     fwd = core_fwd = 0.0
     for g in layer_gemms(spec, micro_batch_size=micro_batch_size, tp=tp):
@@ -173,6 +181,8 @@ def layer_times(
         if p.explicit_only and flash_attention:
             continue
         elements = tokens * p.width(spec, tp)
+        if sequence_parallel and p.width is _hidden:
+            elements /= tp
         f = _pass_time(p.fwd, elements, device.dtype_bytes, device)
         fwd += f
         bwd += _pass_time(p.bwd, elements, device.dtype_bytes, device)
@@ -193,13 +203,16 @@ LOSS_FWD_PASSES, LOSS_BWD_PASSES = 6.0, 4.0
 EMBED_FWD_PASSES, EMBED_BWD_PASSES = 2.0, 2.0
 
 
-def head_times(spec: ModelSpec, *, micro_batch_size: int, tp: int, device: Device) -> tuple[float, float]:
+def head_times(
+    spec: ModelSpec, *, micro_batch_size: int, tp: int, device: Device, sequence_parallel: bool = False
+) -> tuple[float, float]:
     """(forward, backward) seconds of the final norm, the split LM head and the loss."""
     tokens = micro_batch_size * spec.seq_len
     g = head_gemm(spec, micro_batch_size=micro_batch_size, tp=tp)
     gemm = gemm_time(g, peak_flops=device.peak_flops, gemm_efficiency=device.gemm_efficiency)
     logits = tokens * spec.vocab_size / tp
-    norm = _pass_time(2, tokens * spec.hidden_size, device.dtype_bytes, device)
+    normed = tokens * spec.hidden_size / (tp if sequence_parallel else 1)
+    norm = _pass_time(2, normed, device.dtype_bytes, device)
     fwd = gemm + norm + _pass_time(LOSS_FWD_PASSES, logits, FP32, device)
     bwd = 2 * gemm + 1.5 * norm + _pass_time(LOSS_BWD_PASSES, logits, FP32, device)
     return fwd, bwd

@@ -213,3 +213,23 @@ def test_balanced_split_gives_1f1b_its_closed_form_bubble() -> None:
         assert abs(bubble / closed - 1) <= 0.2, (m, bubble, closed)
         lopsided = dataclasses.replace(balanced, stage_layers=(7,) + (8,) * 7)
         assert estimate(lopsided, cluster)["bubble_fraction"] > bubble
+
+
+def test_sequence_parallel_splits_the_norms_the_sends_and_their_time() -> None:
+    import dataclasses
+
+    cluster = load_cluster("a100-80g-8x8")
+    cfg = _cfg("gpt3-175b", tp=8, pp=8, micro_batch_size=1, num_microbatches=16, recompute="selective")
+    sp = dataclasses.replace(cfg, sequence_parallel=True)
+    plain, split = stage_costs(cfg, cluster), stage_costs(sp, cluster)
+    for s in range(8):
+        assert split[s].act_bytes == activation_bytes(
+            cfg.model, stage=s, num_stages=8, micro_batch_size=1, flash_attention=True,
+            recompute="selective", tp=8, dtype_bytes=2, sequence_parallel=True,
+        ) < plain[s].act_bytes  # fmt: skip
+        assert split[s].fwd < plain[s].fwd  # the replicated norms and residuals now split
+    act = 2048 * 12288 * 2
+    ib = 25e9 * cluster.inter_efficiency
+    assert plain[0].send_act == pytest.approx(1e-5 + act / ib)
+    assert split[0].send_act == pytest.approx(1e-5 + act / 8 / ib)  # each rank sends its part
+    assert dataclasses.replace(cfg, tp=1, sequence_parallel=True).sequence_parallel is False  # a no-op

@@ -99,6 +99,11 @@ def test_estimate_with_a_profile(tmp_path: Path) -> None:
         (["--model", "tiny-gpt", "--pp", "5"], "--pp", "at most --num-layers (4) stages"),
         (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "1,2"], "--stage-layers", "1+2 = 3"),
         (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "2,x"], "--stage-layers", "comma-separated"),
+        (
+            ["--model", "tiny-gpt", "--tp", "2", "--seq-len", "33", "--sequence-parallel"],
+            "--sequence-parallel",
+            "--tp must divide --seq-len (33 % 2 = 1)",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], flag: str, words: str) -> None:

@@ -44,6 +44,7 @@ def measured_bytes(
     flash: bool,
     recompute: str,
     tp_group: dist.ProcessGroup | None = None,
+    sequence_parallel: bool = False,
 ) -> int:
     """Saved bytes of one micro-batch's forward, counted as the executor counts them."""
     module = build_stage(
@@ -53,13 +54,19 @@ def measured_bytes(
         flash_attention=flash,
         recompute=recompute,
         tp_group=tp_group,
+        sequence_parallel=sequence_parallel,
     )
     tracker = ActivationTracker.for_module(module)
     b, s = micro_batch_size, spec.seq_len
     if module.is_first:
         x = torch.zeros(b, s, dtype=torch.long)
     else:
-        x = torch.zeros(b, s, spec.hidden_size, requires_grad=True)
+        shape = (
+            (b, s // dist.get_world_size(tp_group), spec.hidden_size)
+            if module.sp
+            else (b, s, spec.hidden_size)
+        )
+        x = torch.zeros(*shape, requires_grad=True)
     targets = torch.zeros(b, s, dtype=torch.long)
     with tracker.capture(0):
         out = module(x, targets if module.is_last else None)
@@ -81,7 +88,9 @@ def _cases(specs: list[ModelSpec], sizes: tuple[int, ...], pps: tuple[int, ...] 
     return out
 
 
-def _check_all(cases: list[tuple], tp_group: dist.ProcessGroup | None = None, tp: int = 1) -> list[str]:
+def _check_all(
+    cases: list[tuple], tp_group: dist.ProcessGroup | None = None, tp: int = 1, sp: bool = False
+) -> list[str]:
     wrong = []
     for spec, pp, stage, b, flash, recompute in cases:
         got = measured_bytes(
@@ -92,6 +101,7 @@ def _check_all(cases: list[tuple], tp_group: dist.ProcessGroup | None = None, tp
             flash=flash,
             recompute=recompute,
             tp_group=tp_group,
+            sequence_parallel=sp,
         )
         want = activation_bytes(
             spec,
@@ -101,10 +111,11 @@ def _check_all(cases: list[tuple], tp_group: dist.ProcessGroup | None = None, tp
             flash_attention=flash,
             recompute=recompute,
             tp=tp,
+            sequence_parallel=sp,
         )
         if got != want:
             wrong.append(
-                f"{spec.name} tp={tp} pp={pp} stage={stage} b={b} flash={flash} {recompute}: "
+                f"{spec.name} tp={tp} sp={sp} pp={pp} stage={stage} b={b} flash={flash} {recompute}: "
                 f"measured {got}, formula {want} ({got - want:+d})"
             )
     return wrong
@@ -175,6 +186,9 @@ def _tp_worker(rank: int, init_file: str, world: int, out_dir: str) -> None:
         specs = [s for s in SPECS if s.num_heads % world == 0 and s.num_kv_heads % world == 0]
         specs = [s for s in specs if s.ffn_hidden_size % world == 0]
         wrong = _check_all(_cases(specs, (1, 2), pps=(1, 4)), tp_group=group, tp=world)
+        even = [s for s in specs if s.seq_len % world == 0]  # sequence parallelism splits T
+        assert len(even) >= 2, [s.name for s in even]
+        wrong += _check_all(_cases(even, (1, 2), pps=(1, 4)), tp_group=group, tp=world, sp=True)
         wrong += _param_mismatches(specs, group, world)
         assert len(specs) == 3, [s.name for s in specs]
         Path(out_dir, f"rank{rank}.txt").write_text("\n".join(wrong))
@@ -184,7 +198,7 @@ def _tp_worker(rank: int, init_file: str, world: int, out_dir: str) -> None:
 
 def test_formula_equals_measured_bytes_tp2(tmp_path: Path) -> None:
     """Tensor parallel 2 (2 gloo processes): activation bytes and stage_params, sharded attention
-    and MLP, replicated norms.
+    and MLP, replicated norms; and with sequence parallelism (the norms on half the sequence).
 
     tiny-llama at tp 2 has one kv head per rank, so its k/v expansion is a view (the narrow case).
     """

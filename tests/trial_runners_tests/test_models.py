@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from autotune.config import ModelSpec, load_model, model_flops_per_token
 from trial_runners.data import batch_for_step, microbatch
 from trial_runners.models import build_full_model, build_stage
-from trial_runners.tensor_parallel import SHARD_DIM_ATTR
+from trial_runners.tensor_parallel import SHARD_DIM_ATTR, sync_sequence_parallel_grads
 
 FAMILIES = ["tiny-gpt", "tiny-llama"]
 Grads = dict[str, torch.Tensor]
@@ -34,17 +34,31 @@ def _run_full(spec: ModelSpec, *, flash: bool, recompute: str, seed: int = 0) ->
 
 
 def _run_split(
-    spec: ModelSpec, *, pp: int, flash: bool, recompute: str, tp_group: dist.ProcessGroup | None = None
+    spec: ModelSpec,
+    *,
+    pp: int,
+    flash: bool,
+    recompute: str,
+    tp_group: dist.ProcessGroup | None = None,
+    sp: bool = False,
 ) -> tuple[torch.Tensor, Grads, dict[str, torch.nn.Parameter]]:
-    """Chain the stages in one process, hidden states passed on detached with requires_grad.
+    """Chain the stages in one process, hidden states passed on detached with requires_grad
+    (with sequence parallelism `sp`, each rank's part of the sequence).
 
     Returns the loss, the gradients and the parameters, by name."""
     stages = [
         build_stage(
-            spec, stage=s, num_stages=pp, flash_attention=flash, recompute=recompute, tp_group=tp_group
-        )
+            spec,
+            stage=s,
+            num_stages=pp,
+            flash_attention=flash,
+            recompute=recompute,
+            tp_group=tp_group,
+            sequence_parallel=sp,
+        )  # fmt: skip
         for s in range(pp)
     ]
+    t = dist.get_world_size(tp_group) if sp and tp_group is not None else 1
     tokens, targets = _batch(spec)
     inputs: list[torch.Tensor] = []
     outputs: list[torch.Tensor] = []
@@ -54,13 +68,15 @@ def _run_split(
             x = x.detach().requires_grad_()
         inputs.append(x)
         assert tuple(stage.output_shape(tokens.shape[0])) == (
-            () if stage.is_last else (2, spec.seq_len, spec.hidden_size)
+            () if stage.is_last else (2, spec.seq_len // t, spec.hidden_size)
         )
         x = stage(x, targets if stage.is_last else None)
         outputs.append(x)
     outputs[-1].backward()
     for s in range(pp - 2, -1, -1):
         outputs[s].backward(inputs[s + 1].grad)
+    for stage in stages:
+        sync_sequence_parallel_grads(stage, tp_group)  # what the worker does after the backward
     params = {n: p for stage in stages for n, p in stage.named_parameters()}
     return outputs[-1].detach(), {n: p.grad for n, p in params.items() if p.grad is not None}, params
 
@@ -149,13 +165,15 @@ def _tp_worker(rank: int, init_file: str, world: int) -> None:
         group = dist.new_group(list(range(world)))
         for name in FAMILIES:
             spec = load_model(name)
-            for pp, flash, recompute in ((1, True, "none"), (1, False, "selective"), (2, True, "full")):
+            cases = [(1, True, "none", False), (1, False, "selective", False), (2, True, "full", False)]
+            cases += [(1, True, "none", True), (2, False, "selective", True), (2, True, "full", True)]
+            for pp, flash, recompute, sp in cases:
                 ref_loss, ref_grads = _run_full(spec, flash=flash, recompute="none")
                 ref_params = dict(
                     build_full_model(spec, flash_attention=flash, recompute="none").named_parameters()
                 )
                 loss, grads, params = _run_split(
-                    spec, pp=pp, flash=flash, recompute=recompute, tp_group=group
+                    spec, pp=pp, flash=flash, recompute=recompute, tp_group=group, sp=sp
                 )
                 torch.testing.assert_close(loss, ref_loss)
                 sharded = 0
