@@ -20,6 +20,7 @@ from autotune.config import (
     DEVICES,
     MODEL_FIELDS,
     SCHEDULES,
+    TRIAL_DTYPES,
     TrialConfig,
     check_schedule,
     flag,
@@ -72,6 +73,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help="layers per pipeline stage, possibly uneven (default: the split that balances the stages)",
     )
     p.add_argument(
+        "--dtype",
+        default="",
+        help="bf16, fp16 or fp32 (16-bit: mixed precision, fp32 master weights); default: the device's "
+        "(trials: fp32 on a CPU, bf16 on a GPU; estimates: the cluster's)",
+    )
+    p.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="split the hidden states between the tensor-parallel regions along the sequence (Megatron)",
@@ -114,6 +121,7 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         stage_layers=_stage_layers(args),
         distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
         sequence_parallel=bool(getattr(args, "sequence_parallel", False)),
+        dtype=getattr(args, "dtype", "") or "",
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")
@@ -185,6 +193,11 @@ def _check_trial(args: argparse.Namespace) -> Work:
             "--timeout", f"must be positive seconds, at most {MAX_SECONDS:,}, got {args.timeout}"
         )
     cfg = config_from_args(args)
+    if cfg.trial_dtype not in TRIAL_DTYPES:
+        raise ConfigError(
+            "--dtype",
+            f"trials train in {' or '.join(TRIAL_DTYPES)}: fp16 needs loss scaling, which they do not do",
+        )
     layout = "--dp" if cfg.dp > 1 else "--pp" if cfg.pp > 1 else "--tp"
     _check_device(cfg.device, cfg.world_size, layout)
     if args.data is not None:

@@ -26,6 +26,9 @@ SCHEDULES = ("1f1b", "gpipe", "bpipe")
 BASELINES = tuple(s for s in SCHEDULES if s != "bpipe")  # what BPipe is judged against
 RECOMPUTE = ("none", "selective", "full")
 DEVICES = ("cpu", "cuda")
+# Training dtypes and their bytes per element (16-bit ones: mixed precision, fp32 master weights)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TRIAL_DTYPES = ("fp32", "bf16")  # what trials train in (fp16 would need loss scaling)
 # What a search space searches over: a TrialConfig field each (a campaign's knob key, in order)
 KNOBS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
 
@@ -260,6 +263,7 @@ class TrialConfig:
     stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
     distributed_optimizer: bool = False  # optimizer state sharded over dp (ZeRO-1)
     sequence_parallel: bool = False  # hidden states between the tp regions split along the sequence
+    dtype: str = ""  # "" = the device's: fp32 on a CPU, bf16 on a GPU (estimates: the cluster's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -279,6 +283,8 @@ class TrialConfig:
         self._check_choice("schedule", SCHEDULES)
         self._check_choice("recompute", RECOMPUTE)
         self._check_choice("device", DEVICES)
+        if self.dtype and self.dtype not in DTYPE_BYTES:
+            raise ConfigError("--dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
         for name in ("distributed_optimizer", "sequence_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(flag(name), f"must be true or false, got {getattr(self, name)!r}")
@@ -362,6 +368,11 @@ class TrialConfig:
         return self.tp * self.pp * self.dp
 
     @property
+    def trial_dtype(self) -> str:
+        """The dtype a trial trains in: `dtype`, else fp32 on a CPU and bf16 on a GPU."""
+        return self.dtype or ("bf16" if self.device == "cuda" else "fp32")
+
+    @property
     def activation_shape(self) -> tuple[int, int, int]:
         """What one stage sends the next per micro-batch (and gets back as its gradient):
         (micro-batch, sequence, hidden), the sequence split over tp with sequence parallelism."""
@@ -406,7 +417,12 @@ class TrialConfig:
 # configuration's identity (`identity`, hashed by storage.records.config_hash) leaves such a knob
 # out where it holds that value, so every measurement recorded before the knob existed still
 # matches its configuration.
-LATER_KNOBS: dict[str, Any] = {"stage_layers": [], "distributed_optimizer": False, "sequence_parallel": False}
+LATER_KNOBS: dict[str, Any] = {
+    "stage_layers": [],
+    "distributed_optimizer": False,
+    "sequence_parallel": False,
+    "dtype": "",
+}
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -142,14 +142,12 @@ class _GatherLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def sync_sequence_parallel_grads(module: nn.Module, group: Group) -> None:
+def sync_sequence_parallel_grads(params: nn.Module | list[Tensor], group: Group) -> None:
     """Sum over the tp group the gradients of the replicated parameters the sequence-parallel
-    region uses (each rank's covers its part of the sequence)."""
-    grads = [
-        p.grad
-        for p in module.parameters()
-        if getattr(p, SEQUENCE_PARALLEL_ATTR, False) and p.grad is not None
-    ]
+    region uses (each rank's covers its part of the sequence); `params`: a module's, or the
+    tensors holding them (fp32 masters, marked alike)."""
+    tensors = params.parameters() if isinstance(params, nn.Module) else params
+    grads = [p.grad for p in tensors if getattr(p, SEQUENCE_PARALLEL_ATTR, False) and p.grad is not None]
     if not grads or tp_size(group) == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)

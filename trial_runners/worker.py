@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from autotune.config import TrialConfig
+from autotune.config import TRIAL_DTYPES, TrialConfig
 from autotune.estimate.costs import static_bytes as optimizer_static_bytes
 from autotune.placement import layout_of
 from autotune.schedules import generate, validate
@@ -32,7 +32,7 @@ from trial_runners.executor import StageExecutor, StageLinks
 from trial_runners.faults import injected
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
-from trial_runners.optimizer import make_optimizer
+from trial_runners.optimizer import TrialOptimizer
 from trial_runners.tensor_parallel import sync_sequence_parallel_grads
 
 EXIT_OOM = 3
@@ -75,13 +75,25 @@ def _groups(cfg: TrialConfig, me: Coords) -> tuple[Any, Any]:
     return tp_group, dp_group
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+assert tuple(TORCH_DTYPES) == TRIAL_DTYPES  # autotune.config's list of what trials train in
+
+
+def torch_dtype(cfg: TrialConfig) -> torch.dtype:
+    """The trial's training dtype; fp16 needs loss scaling, which the trials do not do."""
+    if cfg.trial_dtype not in TORCH_DTYPES:
+        trains = " or ".join(TORCH_DTYPES)
+        raise ValueError(f"--dtype {cfg.trial_dtype}: trials train in {trains} (fp16 needs loss scaling)")
+    return TORCH_DTYPES[cfg.trial_dtype]
+
+
 def _probe_microbatch_bytes(
     module: StageModule, cfg: TrialConfig, tracker: ActivationTracker, device: torch.device
 ) -> int:
     """Saved bytes of one micro-batch's forward on this stage (all micro-batches are alike)."""
     b, s = cfg.micro_batch_size, cfg.model.seq_len
     tokens = torch.zeros(b, s, dtype=torch.long, device=device)
-    hidden = torch.zeros(cfg.activation_shape, device=device, requires_grad=True)  # this rank's part
+    hidden = torch.zeros(cfg.activation_shape, dtype=torch_dtype(cfg), device=device, requires_grad=True)
     x = tokens if module.is_first else hidden
     probe = ActivationTracker(tracker.excluded)
     targets = torch.zeros(b, s, dtype=torch.long, device=device)  # its own storage, as in a real step
@@ -122,13 +134,14 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         tp_group=tp_group,
         seed=run.get("seed", 0),
         device=device,
+        dtype=torch_dtype(cfg),
         split=cfg.split,
         sequence_parallel=cfg.sequence_parallel,
     )
     schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)
     static_bytes = optimizer_static_bytes(  # parameters, gradients, AdamW's moments (sharded over dp)
-        sum(p.numel() for p in module.parameters()), dtype="fp32", dp=cfg.dp,
+        sum(p.numel() for p in module.parameters()), dtype=cfg.trial_dtype, dp=cfg.dp,
         distributed_optimizer=cfg.distributed_optimizer,
     )  # fmt: skip
     tracker = ActivationTracker.for_module(module, static_bytes=static_bytes, limit=cfg.memory_limit)
@@ -141,7 +154,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         last=module.is_last,
         links=_links(cfg, me, schedule.partner[me.pp], mb_bytes, device),
         activation_shape=cfg.activation_shape,
-        dtype=torch.float32,
+        dtype=torch_dtype(cfg),
         device=device,
         tracker=tracker,
         loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
@@ -197,9 +210,10 @@ def _train(
     The last step's timeline is recorded (`executor.timeline`), from the moment the ranks leave
     its barrier."""
     params = list(executor.module.parameters())
-    optimizer = make_optimizer(
+    optimizer = TrialOptimizer(
         params, lr=run.get("lr", 1e-3), dp_group=dp_group, distributed=cfg.distributed_optimizer
     )
+    grads = optimizer.grads  # what holds each parameter's gradient (fp32 masters in mixed precision)
     times: list[float] = []
     losses: list[float] = []
     evicted = 0
@@ -222,16 +236,16 @@ def _train(
         dist.barrier()
         start = time.perf_counter()
         _inject_fault(run["config"], me.rank, step)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss, evicted = executor.run_step(batch, timeline=start if step == last else None)
-        sync_sequence_parallel_grads(executor.module, tp_group)
+        sync_sequence_parallel_grads(grads, tp_group)
         if dp_group is not None:
-            _all_reduce_grads(params, dp_group)
+            _all_reduce_grads(grads, dp_group)
             loss_t = torch.tensor([loss], device=device)
             dist.all_reduce(loss_t, group=dp_group)
             loss = float(loss_t.item())
         if step == 0 and run.get("dump_dir"):
-            _dump_grads(executor.module, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
+            _dump_grads(executor.module, grads, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -240,7 +254,7 @@ def _train(
     return times, losses, evicted
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
+def _all_reduce_grads(params: list[torch.Tensor], group: Any) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group)
@@ -248,12 +262,13 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
         grad.copy_(synced)
 
 
-def _dump_grads(module: torch.nn.Module, path: Path) -> None:
-    """Write every parameter's gradient (and its tp shard dim) as .npz; no pickles."""
+def _dump_grads(module: torch.nn.Module, grads: list[torch.Tensor], path: Path) -> None:
+    """Write every parameter's gradient (held by `grads`, in the parameters' order; fp32) and its
+    tp shard dim as .npz; no pickles."""
     arrays = {}
-    for name, p in module.named_parameters():
-        if p.grad is not None:
-            arrays[name] = p.grad.detach().cpu().numpy()
+    for (name, p), holder in zip(module.named_parameters(), grads, strict=True):
+        if holder.grad is not None:
+            arrays[name] = holder.grad.detach().float().cpu().numpy()
         arrays[f"__shard_dim__{name}"] = np.array(getattr(p, "tp_shard_dim", -1))
     np.savez(path, **arrays)  # type: ignore[arg-type]
 

@@ -3,9 +3,10 @@
 This is the formula the executor's `ActivationTracker` measures: every tensor autograd saves,
 by storage, de-duplicated within a micro-batch, parameters and buffers excluded. It is exact
 (to the byte) for the CPU fp32 runs; `tests/trial_runners_tests/test_activation_formula.py`
-checks it against the real stage modules. With `dtype_bytes=2` it is the bf16 prediction on a
-GPU: the same tensors, with the kernels' fp32 side tensors (norm statistics, the attention
-log-sum-exp, the fp32 log-softmax of the loss) kept at 4 bytes. GPU kernels may save slightly
+checks it against the real stage modules, in fp32 and (`cpu=True`) in bf16 on the CPU. With
+`dtype_bytes=2` and `cpu=False` it is the bf16 prediction on a GPU: the same tensors, with the
+kernels' fp32 side tensors (norm statistics, the attention log-sum-exp, the fp32 log-softmax of
+the loss) kept at 4 bytes, as fused GPU norms keep them. GPU kernels may save slightly
 different side tensors (e.g. padded log-sum-exps); that is not measured here.
 
 Per transformer layer, `b` sequences of `s` tokens, hidden `h`, ffn `f`, `a` heads, `kv` the
@@ -76,13 +77,21 @@ def _check(spec: ModelSpec, *, stage: int, num_stages: int, recompute: str, tp: 
             raise ValueError(f"tensor parallel {tp} must divide {what} ({n})")
 
 
-def _norm_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int) -> int:
-    """A pre-norm: its input and output, its fp32 statistics; RMSNorm also x * rstd."""
+def _norm_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, cpu: bool = False) -> int:
+    """A pre-norm: its input and output, its fp32 statistics; RMSNorm also x * rstd.
+
+    16-bit on a CPU (measured, torch 2.13): LayerNorm keeps its statistics in the input's dtype;
+    the composite RMSNorm computes in fp32 and keeps the fp32 input and x * rstd, the output
+    and the fp32 rstd (not the 16-bit input). In fp32 both readings agree.
+    """
+    h, d = spec.hidden_size, dtype_bytes
     if spec.family == "gpt":  # LayerNorm: input, mean, rstd; the output (next linear's input)
-        return 2 * tokens * spec.hidden_size * dtype_bytes + 2 * tokens * FP32
+        return 2 * tokens * h * d + 2 * tokens * (d if cpu else FP32)
+    if cpu and d < FP32:
+        return tokens * h * (2 * FP32 + d) + tokens * FP32
     # RMSNorm (torch's composite): input, rstd, the normalised x * rstd (for the weight's
     # gradient); the output
-    return 3 * tokens * spec.hidden_size * dtype_bytes + tokens * FP32
+    return 3 * tokens * h * d + tokens * FP32
 
 
 def _kv_saved_width(spec: ModelSpec, *, tp: int, micro_batch_size: int, flash_attention: bool) -> int:
@@ -111,8 +120,10 @@ def layer_activation_bytes(
     tp: int = 1,
     dtype_bytes: int = 4,
     sequence_parallel: bool = False,
+    cpu: bool = False,
 ) -> int:
-    """Saved bytes of one transformer layer for one micro-batch, on one tensor-parallel rank."""
+    """Saved bytes of one transformer layer for one micro-batch, on one tensor-parallel rank
+    (`cpu`: 16-bit side tensors as torch's CPU kernels keep them, `_norm_bytes`)."""
     b, s, h, d = micro_batch_size, spec.seq_len, spec.hidden_size, dtype_bytes
     tokens = b * s
     local = tokens // tp if sequence_parallel else tokens  # the norms' part of the sequence
@@ -122,7 +133,7 @@ def layer_activation_bytes(
     kv = spec.num_kv_heads * spec.head_dim // tp
     heads = spec.num_heads // tp
     ffn = spec.ffn_hidden_size // tp
-    norms = 2 * _norm_bytes(spec, local, d)
+    norms = 2 * _norm_bytes(spec, local, d, cpu)
     if recompute == "selective":
         attention = tokens * (2 * width + 2 * kv) * d  # checkpoint inputs q, k, v; the output
     else:
@@ -153,6 +164,7 @@ def head_activation_bytes(
     dtype_bytes: int = 4,
     tp: int = 1,
     sequence_parallel: bool = False,
+    cpu: bool = False,
 ) -> int:
     """The last stage's extra: final norm (on this rank's part of the sequence with sequence
     parallelism), the fp32 log-softmax (softmax of this rank's vocabulary rows when split), the
@@ -160,7 +172,7 @@ def head_activation_bytes(
     tokens = micro_batch_size * spec.seq_len
     local = tokens // tp if sequence_parallel else tokens
     loss = tokens * INT64 + (tokens * BOOL if tp > 1 else FP32)
-    return _norm_bytes(spec, local, dtype_bytes) + tokens * (spec.vocab_size // tp) * FP32 + loss
+    return _norm_bytes(spec, local, dtype_bytes, cpu) + tokens * (spec.vocab_size // tp) * FP32 + loss
 
 
 def activation_bytes(
@@ -175,6 +187,7 @@ def activation_bytes(
     dtype_bytes: int = 4,
     layers: int | None = None,
     sequence_parallel: bool = False,
+    cpu: bool = False,
 ) -> int:
     """Saved-for-backward bytes of ONE micro-batch on stage `stage` (one tensor-parallel rank)
     holding `layers` layers (None: the even split's); with `sequence_parallel` (tp > 1) the
@@ -194,12 +207,13 @@ def activation_bytes(
         tp=tp,
         dtype_bytes=dtype_bytes,
         sequence_parallel=sequence_parallel and tp > 1,
+        cpu=cpu,
     )
     if stage == 0:
         total += embed_activation_bytes(spec, micro_batch_size=micro_batch_size, tp=tp)
     if stage == num_stages - 1:
         total += head_activation_bytes(
             spec, micro_batch_size=micro_batch_size, dtype_bytes=dtype_bytes, tp=tp,
-            sequence_parallel=sequence_parallel and tp > 1,
+            sequence_parallel=sequence_parallel and tp > 1, cpu=cpu,
         )  # fmt: skip
     return total

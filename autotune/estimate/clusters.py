@@ -29,11 +29,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from autotune.config import parse_bytes
+from autotune.config import DTYPE_BYTES, parse_bytes
 from autotune.errors import ConfigError, key_name
 from autotune.files import load_yaml, read_yaml
 
-DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = DTYPE_BYTES  # the training dtypes, bytes per element (autotune.config)
 NODE_COUNTS = range(1, 17)  # the presets cluster_names() lists
 MAX_NODES = 1024  # `<device>-8xN` is accepted for N up to this (8,192 devices: published runs reach 3,072)
 DEVICES_PER_NODE = 8

@@ -15,6 +15,7 @@ measurements is expected to replace them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -330,6 +331,25 @@ def _links(
     return out
 
 
+# fp32 on a GPU runs its matmuls as TF32 on the tensor cores: half the 16-bit dense peak (A100
+# 156 of 312 TFLOP/s, H100 SXM 495 of 989, datasheets).
+TF32_PEAK_FRACTION = 0.5
+
+
+def in_dtype(cluster: ClusterSpec, cfg: TrialConfig) -> ClusterSpec:
+    """The cluster as `cfg` trains on it: its dtype (`--dtype`, else the cluster's own); a GPU's
+    peak FLOP/s (a 16-bit figure) halved for fp32 (TF32)."""
+    if not cfg.dtype or cfg.dtype == cluster.dtype:
+        return cluster
+    peak = cluster.peak_flops
+    if peak is not None and cluster.device != "cpu":
+        if cfg.dtype == "fp32":
+            peak *= TF32_PEAK_FRACTION
+        elif cluster.dtype == "fp32":
+            peak /= TF32_PEAK_FRACTION
+    return dataclasses.replace(cluster, dtype=cfg.dtype, peak_flops=peak)
+
+
 def stage_costs(
     cfg: TrialConfig,
     cluster: ClusterSpec,
@@ -352,6 +372,7 @@ def stage_costs(
     - act_bytes: saved bytes of one micro-batch; static_bytes: parameters, gradients and optimizer
       state (`static_bytes`: its state sharded over dp with the distributed optimizer).
     """
+    cluster = in_dtype(cluster, cfg)
     links = _stage_links(cfg, cluster, placement)
     spec, p, b, tp = cfg.model, cfg.pp, cfg.micro_batch_size, cfg.tp
     d = cluster.dtype_bytes
@@ -387,6 +408,7 @@ def stage_costs(
             dtype_bytes=d,
             layers=layers,
             sequence_parallel=cfg.sequence_parallel,
+            cpu=cluster.device == "cpu",
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
         params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)

@@ -44,6 +44,8 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "trial-more-stages-than-layers": ([*TRIAL, "--pp", "5"], "--pp"),
     "trial-default-device-pp": (["trial", "--model", "tiny-gpt", "--pp", "5"], "--pp"),
     "trial-stage-layers-not-adding-up": ([*TRIAL, "--pp", "2", "--stage-layers", "3,3"], "--stage-layers"),
+    "trial-fp16-needs-loss-scaling": ([*TRIAL, "--dtype", "fp16"], "--dtype"),
+    "trial-unknown-dtype": ([*TRIAL, "--dtype", "fp8"], "--dtype"),
     "trial-tp-not-dividing-heads": ([*TRIAL, "--tp", "3"], "--tp"),
     "trial-1f1b-too-few-microbatches": (
         [*TRIAL, "--schedule", "1f1b", "--pp", "4", "--num-microbatches", "2"],

@@ -233,3 +233,20 @@ def test_sequence_parallel_splits_the_norms_the_sends_and_their_time() -> None:
     assert plain[0].send_act == pytest.approx(1e-5 + act / ib)
     assert split[0].send_act == pytest.approx(1e-5 + act / 8 / ib)  # each rank sends its part
     assert dataclasses.replace(cfg, tp=1, sequence_parallel=True).sequence_parallel is False  # a no-op
+
+
+def test_dtype_sets_the_bytes_and_the_peak() -> None:
+    import dataclasses
+
+    cluster = load_cluster("a100-80g-8x1")  # bf16
+    cfg = _cfg("tiny-gpt", pp=2)
+    bf16, fp32 = stage_costs(cfg, cluster), stage_costs(dataclasses.replace(cfg, dtype="fp32"), cluster)
+    fp16 = stage_costs(dataclasses.replace(cfg, dtype="fp16"), cluster)
+    params = stage_params(cfg.model, stage=0, num_stages=2, tp=1)
+    assert (bf16[0].static_bytes, fp32[0].static_bytes, fp16[0].static_bytes) == (
+        18 * params,
+        16 * params,
+        18 * params,
+    )
+    assert fp32[0].act_bytes > bf16[0].act_bytes == fp16[0].act_bytes
+    assert fp32[0].fwd > bf16[0].fwd  # TF32: half the 16-bit peak, and twice the bytes

@@ -99,6 +99,7 @@ def test_estimate_with_a_profile(tmp_path: Path) -> None:
         (["--model", "tiny-gpt", "--pp", "5"], "--pp", "at most --num-layers (4) stages"),
         (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "1,2"], "--stage-layers", "1+2 = 3"),
         (["--model", "tiny-gpt", "--pp", "2", "--stage-layers", "2,x"], "--stage-layers", "comma-separated"),
+        (["--model", "tiny-gpt", "--dtype", "int4"], "--dtype", "must be one of bf16, fp16, fp32"),
         (
             ["--model", "tiny-gpt", "--tp", "2", "--seq-len", "33", "--sequence-parallel"],
             "--sequence-parallel",

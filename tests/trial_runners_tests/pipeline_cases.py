@@ -29,6 +29,7 @@ class Case:
     num_layers: int | None = None
     stage_layers: tuple[int, ...] = ()
     sp: bool = False
+    dtype: str = ""
 
     def config(self) -> TrialConfig:
         return TrialConfig(
@@ -42,6 +43,7 @@ class Case:
             flash_attention=self.flash,
             stage_layers=self.stage_layers,
             sequence_parallel=self.sp,
+            dtype=self.dtype,
         )
 
     @property
@@ -50,6 +52,7 @@ class Case:
 
     def __str__(self) -> str:
         extra = f"-tp{self.tp}" * (self.tp > 1) + "-sp" * self.sp + f"-dp{self.dp}" * (self.dp > 1)
+        extra += f"-{self.dtype}" if self.dtype else ""
         layers = f"-L{self.num_layers}" if self.num_layers else ""
         layers += f"-split{'.'.join(map(str, self.stage_layers))}" if self.stage_layers else ""
         return (
@@ -74,6 +77,8 @@ def matrix_cases() -> list[Case]:
         Case("tiny-gpt", 2, 5, "1f1b", "selective", False, tp=2, stage_layers=(1, 3)),  # uneven
         Case("tiny-gpt", 2, 4, "1f1b", tp=2, sp=True),  # sequence parallel
         Case("tiny-llama", 2, 5, "gpipe", "full", False, tp=2, sp=True, stage_layers=(3, 1)),
+        Case("tiny-gpt", 2, 4, "1f1b", tp=2, sp=True, dtype="bf16"),  # mixed precision
+        Case("tiny-llama", 4, 5, "bpipe", "selective", False, dtype="bf16"),
         Case("tiny-llama", 2, 5, "gpipe", "full", tp=2),
         Case("tiny-llama", 2, 4, "1f1b", dp=2),
         Case("tiny-gpt", 4, 5, "bpipe", "full", False, dp=2),

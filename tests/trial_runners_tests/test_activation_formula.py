@@ -236,3 +236,40 @@ def test_uneven_split_bytes_and_params_equal_the_formula() -> None:
                 if tracker.sizes.get(0, 0) != want or params != want_params:
                     wrong.append(f"{spec.name} {split} stage {stage}: {tracker.sizes.get(0, 0)} vs {want}")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama"])
+def test_bf16_bytes_on_the_cpu_equal_the_formula(name: str) -> None:
+    """Mixed-precision trials (bf16 modules on the CPU) keep what `activation_bytes(cpu=True)`
+    says: LayerNorm's statistics in bf16, the composite RMSNorm's fp32 copies."""
+    torch.set_num_threads(1)
+    spec, wrong = load_model(name), []
+    for stage, n in ((0, 2), (1, 2), (0, 1)):
+        for flash in (True, False):
+            for recompute in RECOMPUTES:
+                module = build_stage(
+                    spec,
+                    stage=stage,
+                    num_stages=n,
+                    flash_attention=flash,
+                    recompute=recompute,
+                    dtype=torch.bfloat16,
+                )
+                tracker = ActivationTracker.for_module(module)
+                b, s = 2, spec.seq_len
+                x = (
+                    torch.zeros(b, s, dtype=torch.long)
+                    if module.is_first
+                    else torch.zeros(b, s, spec.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+                )
+                with tracker.capture(0):
+                    module(x, torch.zeros(b, s, dtype=torch.long) if module.is_last else None)
+                want = activation_bytes(
+                    spec, stage=stage, num_stages=n, micro_batch_size=b, flash_attention=flash,
+                    recompute=recompute, dtype_bytes=2, cpu=True,
+                )  # fmt: skip
+                if tracker.sizes.get(0, 0) != want:
+                    wrong.append(
+                        f"stage {stage}/{n} flash={flash} {recompute}: {tracker.sizes.get(0, 0)} vs {want}"
+                    )
+    assert not wrong, "\n".join(wrong)

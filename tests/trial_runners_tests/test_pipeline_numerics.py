@@ -20,16 +20,23 @@ def test_loss_and_gradients_match_unsplit_model(case: Case, matrix_runs: dict[Ca
     last = next(
         r for r in result.ranks if r["stage"] == case.pp - 1 and r["tp_rank"] == 0 and r["dp_rank"] == 0
     )
-    assert last["losses"][0] == pytest.approx(ref_loss, rel=1e-6)
+    # bf16 (mixed precision) keeps 8 bits of mantissa: its loss within 1 %, each gradient within
+    # 5 % of the fp32 reference's norm; fp32 to rounding
+    assert last["losses"][0] == pytest.approx(ref_loss, rel=1e-2 if case.dtype == "bf16" else 1e-6)
     seen: set[str] = set()
     for r in result.ranks:
         for name, (grad, shard_dim) in load_grads(result, r["rank"]).items():
             want = ref_grads[name]
             if shard_dim >= 0:
                 want = want.chunk(case.tp, dim=shard_dim)[r["tp_rank"]]
-            torch.testing.assert_close(
-                torch.from_numpy(grad), want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-            )
+            got = torch.from_numpy(grad)
+            if case.dtype == "bf16":
+                assert (got - want).norm() <= 0.05 * want.norm() + 1e-6, (
+                    name,
+                    (got - want).norm() / want.norm(),
+                )
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
             seen.add(name)
     assert seen == set(ref_grads), f"parameters without a gradient: {sorted(set(ref_grads) - seen)}"
 
