@@ -18,3 +18,21 @@ def test_published_megatron_runs_are_predicted_within_target(tmp_path: Path, cap
     assert report["fits"], [r["id"] for r in report["rows"] if not r["fits"]]  # they ran on 80 GB
     for row in report["rows"]:  # each measured figure is the file's, each prediction the estimator's
         assert row["predicted_tflops"] > 0 and abs(row["error"]) < 0.25, row
+
+
+def test_bloom_176b_as_it_was_trained_is_accepted_and_fits() -> None:
+    """BLOOM-176B (BigScience, arXiv 2211.05100: 48 nodes of 8 A100-80GB, tp 4, pp 12, dp 8,
+    ZeRO-1, bf16, micro-batch 2, global batch 2,048 of 2,048 tokens, activation checkpointing):
+    70 layers over 12 stages, which pp no longer needs to divide."""
+    from autotune.config import ModelSpec, TrialConfig
+    from autotune.estimate.clusters import load_cluster
+    from autotune.estimate.estimator import estimate
+
+    bloom = ModelSpec("bloom-176b", "gpt", 70, 14336, 112, 2048, 250880, 57344)
+    cfg = TrialConfig(
+        model=bloom, tp=4, pp=12, dp=8, micro_batch_size=2, global_batch_size=2048, recompute="full",
+        distributed_optimizer=True, flash_attention=False, device="cuda", dtype="bf16",
+    )  # fmt: skip
+    assert sum(cfg.split) == 70 and len(cfg.split) == 12
+    result = estimate(cfg, load_cluster("a100-80g-8x48"))
+    assert result["fits"], [s["peak_memory_bytes"] / 2**30 for s in result["stages"]]
