@@ -23,6 +23,7 @@ from autotune.config import (
     TRIAL_DTYPES,
     TrialConfig,
     check_schedule,
+    describe_later_knobs,
     flag,
     load_model,
     parse_bytes,
@@ -84,6 +85,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help="split the hidden states between the tensor-parallel regions along the sequence (Megatron)",
     )
     p.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="all-reduce the gradients over dp in buckets while the last backward runs (Megatron, torch DDP)",
+    )
+    p.add_argument(
         "--distributed-optimizer",
         action="store_true",
         help="shard the optimizer state over the dp ranks (ZeRO-1, Megatron's distributed optimizer)",
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
         bpipe_cap=_bpipe_cap(args),
         stage_layers=_stage_layers(args),
         distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
+        overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
         sequence_parallel=bool(getattr(args, "sequence_parallel", False)),
         dtype=getattr(args, "dtype", "") or "",
     )
@@ -311,6 +318,11 @@ def _check_profile(args: argparse.Namespace) -> Work:
     return work
 
 
+def _later(cfg: dict[str, Any]) -> str:
+    later = describe_later_knobs(cfg)
+    return f" {later}" if later else ""
+
+
 def format_estimate(result: dict[str, Any]) -> str:
     """A short human-readable report of an estimate."""
     cfg = result["config"]
@@ -319,7 +331,7 @@ def format_estimate(result: dict[str, Any]) -> str:
     lines = [
         f"{cfg['model']} on {result['cluster']}  tp={cfg['tp']} pp={cfg['pp']} dp={cfg['dp']} "
         f"mbs={cfg['micro_batch_size']} m={cfg['num_microbatches']} {cfg['schedule']} "
-        f"recompute={cfg['recompute']} flash={flash}  ({result['method']})",
+        f"recompute={cfg['recompute']} flash={flash}{_later(cfg)}  ({result['method']})",
         f"step time {result['step_time_s']:.4g} s, {result['tokens_per_s']:.4g} tokens/s{mfu}, "
         f"bubble {result['bubble_fraction']:.1%}, fits: {'yes' if result['fits'] else 'NO'} "
         f"(limit {result['memory_limit_bytes'] / 2**30:.1f} GiB)",
@@ -349,7 +361,7 @@ def format_trial(result: dict[str, Any]) -> str:
     head = (
         f"{cfg['model']}  tp={cfg['tp']} pp={cfg['pp']} dp={cfg['dp']} mbs={cfg['micro_batch_size']} "
         f"m={cfg['num_microbatches']} {cfg['schedule']} recompute={cfg['recompute']} "
-        f"flash={'on' if cfg['flash_attention'] else 'off'}"
+        f"flash={'on' if cfg['flash_attention'] else 'off'}{_later(cfg)}"
     )
     lines = [head, f"status: {result['status']}" + (f" ({result['error']})" if result["error"] else "")]
     if result["status"] == "ok":

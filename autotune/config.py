@@ -262,6 +262,7 @@ class TrialConfig:
     bpipe_cap: int = 0
     stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
     distributed_optimizer: bool = False  # optimizer state sharded over dp (ZeRO-1)
+    overlap_grad_reduce: bool = False  # the dp all-reduce in buckets during the last backward
     sequence_parallel: bool = False  # hidden states between the tp regions split along the sequence
     dtype: str = ""  # "" = the device's: fp32 on a CPU, bf16 on a GPU (estimates: the cluster's)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -285,7 +286,7 @@ class TrialConfig:
         self._check_choice("device", DEVICES)
         if self.dtype and self.dtype not in DTYPE_BYTES:
             raise ConfigError("--dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        for name in ("distributed_optimizer", "sequence_parallel"):
+        for name in ("distributed_optimizer", "sequence_parallel", "overlap_grad_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(flag(name), f"must be true or false, got {getattr(self, name)!r}")
         self._normalise_batch()
@@ -346,6 +347,8 @@ class TrialConfig:
                 f"vocabulary ({m.vocab_size} % {self.tp} = {m.vocab_size % self.tp}); pad it to a "
                 f"multiple of 128 x tp as Megatron does",
             )
+        if self.overlap_grad_reduce and self.dp == 1:
+            object.__setattr__(self, "overlap_grad_reduce", False)  # no gradient all-reduce to overlap
         if self.sequence_parallel and self.tp == 1:
             object.__setattr__(self, "sequence_parallel", False)  # nothing to split over: the same run
         if self.sequence_parallel and m.seq_len % self.tp:
@@ -420,6 +423,7 @@ class TrialConfig:
 LATER_KNOBS: dict[str, Any] = {
     "stage_layers": [],
     "distributed_optimizer": False,
+    "overlap_grad_reduce": False,
     "sequence_parallel": False,
     "dtype": "",
 }
@@ -428,6 +432,28 @@ LATER_KNOBS: dict[str, Any] = {
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """A configuration dict (`TrialConfig.to_dict`) without the later knobs at their defaults."""
     return {k: v for k, v in config.items() if not (k in LATER_KNOBS and _same(v, LATER_KNOBS[k]))}
+
+
+# How the one-line descriptions (estimate, trial, campaign progress) show a later knob that is
+# not at its default.
+_LATER_LABELS: dict[str, Any] = {
+    "stage_layers": lambda v: "layers=" + "+".join(map(str, v)),
+    "distributed_optimizer": lambda v: "distributed-optimizer",
+    "overlap_grad_reduce": lambda v: "overlap-grad-reduce",
+    "sequence_parallel": lambda v: "sequence-parallel",
+    "dtype": lambda v: str(v),
+}
+assert _LATER_LABELS.keys() == LATER_KNOBS.keys()
+
+
+def describe_later_knobs(config: dict[str, Any]) -> str:
+    """The later knobs of a configuration dict that differ from their defaults, space-separated
+    ("" when none do), for the one-line descriptions."""
+    return " ".join(
+        label(config[k])
+        for k, label in _LATER_LABELS.items()
+        if k in config and not _same(config[k], LATER_KNOBS[k])
+    )
 
 
 def _same(value: Any, default: Any) -> bool:

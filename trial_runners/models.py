@@ -30,7 +30,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -40,6 +39,7 @@ from trial_runners.tensor_parallel import (
     SEQUENCE_PARALLEL_ATTR,
     SHARD_DIM_ATTR,
     ColumnParallelLinear,
+    Group,
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tp_region,
@@ -381,7 +381,7 @@ def build_stage(
     num_stages: int,
     flash_attention: bool,
     recompute: str,
-    tp_group: dist.ProcessGroup | None = None,
+    tp_group: Group = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,

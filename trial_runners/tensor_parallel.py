@@ -40,15 +40,38 @@ SHARD_DIM_ATTR = "tp_shard_dim"  # set on sharded parameters: the dim along whic
 # biases, gpt's position embedding): each rank's gradient covers its part of the sequence only,
 # so `sync_sequence_parallel_grads` sums them over the tp group after the backward.
 SEQUENCE_PARALLEL_ATTR = "sequence_parallel"
-Group = dist.ProcessGroup | None
+
+
+class ShardShapes:
+    """A stand-in for a tp group of `size` ranks that only shapes the modules: rank 0's shard of
+    every split layer, with every collective skipped (results are not the model's; the compute
+    of one rank's shard is, which is what a profile of one GPU times)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a tensor-parallel degree is positive, got {size}")
+        self.size = size
+
+
+Group = dist.ProcessGroup | ShardShapes | None
 
 
 def tp_size(group: Group) -> int:
+    if isinstance(group, ShardShapes):
+        return group.size
     return 1 if group is None else dist.get_world_size(group)
 
 
 def tp_rank(group: Group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+    if group is None or isinstance(group, ShardShapes):
+        return 0
+    return dist.get_rank(group)
+
+
+def _all_reduce(x: Tensor, group: Group, op: Any = None) -> None:
+    if isinstance(group, ShardShapes):
+        return
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -60,7 +83,7 @@ class _CopyToRegion(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        _all_reduce(grad, ctx.group)
         return grad, None
 
 
@@ -68,7 +91,7 @@ class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: Group) -> Tensor:
         x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
+        _all_reduce(x, group)
         return x
 
     @staticmethod
@@ -93,6 +116,8 @@ def reduce_from_tp_region(x: Tensor, group: Group) -> Tensor:
 
 
 def _gather_sequence(x: Tensor, group: Group) -> Tensor:
+    if isinstance(group, ShardShapes):
+        return torch.cat([x] * group.size, dim=1)
     parts = [torch.empty_like(x) for _ in range(tp_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)
@@ -101,7 +126,7 @@ def _gather_sequence(x: Tensor, group: Group) -> Tensor:
 def _scatter_sequence(x: Tensor, group: Group) -> Tensor:
     """The sum over the group of `x` (B, T, ...), this rank's part of the sequence (B, T/t, ...)."""
     x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
+    _all_reduce(x, group)
     # a copy of its own (a view would keep the whole sequence's storage alive)
     return x.chunk(tp_size(group), dim=1)[tp_rank(group)].clone(memory_format=torch.contiguous_format)
 
@@ -151,7 +176,7 @@ def sync_sequence_parallel_grads(params: nn.Module | list[Tensor], group: Group)
     if not grads or tp_size(group) == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
+    _all_reduce(flat, group)
     for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
         grad.copy_(synced)
 
@@ -285,15 +310,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ctx.dtype = logits.dtype
         logits = logits.float()
         peak = logits.max(dim=-1).values
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        _all_reduce(peak, group, dist.ReduceOp.MAX)
         shifted = logits - peak.unsqueeze(-1)
         outside = (targets < start) | (targets >= start + logits.shape[-1])
         local = (targets - start).masked_fill(outside, 0)
         target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        dist.all_reduce(target_logit, group=group)
+        _all_reduce(target_logit, group)
         exp = shifted.exp_()
         total = exp.sum(dim=-1)
-        dist.all_reduce(total, group=group)
+        _all_reduce(total, group)
         softmax = exp.div_(total.unsqueeze(-1))
         ctx.save_for_backward(softmax, local, outside)
         return total.log_() - target_logit

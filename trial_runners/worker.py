@@ -24,12 +24,14 @@ import torch
 import torch.distributed as dist
 
 from autotune.config import TRIAL_DTYPES, TrialConfig
+from autotune.estimate.costs import GRAD_BUCKET_ELEMENTS
 from autotune.estimate.costs import static_bytes as optimizer_static_bytes
 from autotune.placement import layout_of
 from autotune.schedules import generate, validate
 from trial_runners.data import batch_for_step, microbatch
 from trial_runners.executor import StageExecutor, StageLinks
 from trial_runners.faults import injected
+from trial_runners.grad_reduce import OverlappedGradReduce
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
 from trial_runners.optimizer import TrialOptimizer
@@ -159,7 +161,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         tracker=tracker,
         loss_scale=1.0 / (cfg.num_microbatches * cfg.dp),
     )
-    times, losses, evicted = _train(run, cfg, me, executor, dp_group, device, tp_group)
+    times, losses, evicted, overlapped = _train(run, cfg, me, executor, dp_group, device, tp_group)
     timeline = executor.timeline or []
     result = {
         "rank": rank,
@@ -170,6 +172,7 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         "static_bytes": static_bytes,
         "microbatch_bytes": mb_bytes,
         "evicted_bytes": evicted,
+        "overlapped_buckets": overlapped,
         "step_times": times,
         "losses": losses,
         "device_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
@@ -205,8 +208,10 @@ def _train(
     dp_group: Any,
     device: torch.device,
     tp_group: Any = None,
-) -> tuple[list[float], list[float], int]:
-    """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step).
+) -> tuple[list[float], list[float], int, list[int]]:
+    """One warm-up and `steps` measured steps; (step times, losses, bytes evicted per step, and
+    with --overlap-grad-reduce the gradient buckets whose all-reduce began during each step's
+    backward).
     The last step's timeline is recorded (`executor.timeline`), from the moment the ranks leave
     its barrier."""
     params = list(executor.module.parameters())
@@ -214,6 +219,13 @@ def _train(
         params, lr=run.get("lr", 1e-3), dp_group=dp_group, distributed=cfg.distributed_optimizer
     )
     grads = optimizer.grads  # what holds each parameter's gradient (fp32 masters in mixed precision)
+    reducer = None
+    if cfg.overlap_grad_reduce and dp_group is not None:
+        reducer = OverlappedGradReduce(
+            params, grads, group=dp_group, accumulations=cfg.num_microbatches,
+            bucket_elements=int(run.get("grad_bucket_elements", GRAD_BUCKET_ELEMENTS)),
+        )  # fmt: skip
+    overlapped: list[int] = []
     times: list[float] = []
     losses: list[float] = []
     evicted = 0
@@ -238,12 +250,15 @@ def _train(
         _inject_fault(run["config"], me.rank, step)
         optimizer.zero_grad()
         loss, evicted = executor.run_step(batch, timeline=start if step == last else None)
-        sync_sequence_parallel_grads(grads, tp_group)
         if dp_group is not None:
-            _all_reduce_grads(grads, dp_group)
+            if reducer is not None:
+                overlapped.append(reducer.finish())
+            else:
+                _all_reduce_grads(grads, dp_group)
             loss_t = torch.tensor([loss], device=device)
             dist.all_reduce(loss_t, group=dp_group)
             loss = float(loss_t.item())
+        sync_sequence_parallel_grads(grads, tp_group)  # sums commute: after the dp all-reduce
         if step == 0 and run.get("dump_dir"):
             _dump_grads(executor.module, grads, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
         optimizer.step()
@@ -251,7 +266,7 @@ def _train(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss)
-    return times, losses, evicted
+    return times, losses, evicted, overlapped
 
 
 def _all_reduce_grads(params: list[torch.Tensor], group: Any) -> None:

@@ -38,8 +38,8 @@ from autotune.estimate.profiles import Profile, parse_profile
 from storage.records import config_hash
 
 # The estimator's error on a speedup where nothing was measured on the hardware: on GPU presets
-# a standard deviation of 0.2 in log space (the kernel model is 4.5 % off published Megatron-LM
-# throughputs on average, up to 7.8 %, all optimistic: bench_published; a speedup compounds two
+# a standard deviation of 0.2 in log space (the kernel model is 10.2 % off published Megatron-LM
+# throughputs on average, up to 12.6 %, all optimistic: bench_published; a speedup compounds two
 # predictions, and BPipe's evictions and interleaving are not in those runs); on a CPU the
 # accuracy benchmark's 5-10 %, for two configurations.
 DEFAULT_ESTIMATOR_SD = {"cpu": 0.12, "cuda": 0.20}

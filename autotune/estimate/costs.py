@@ -85,6 +85,29 @@ class Profile(Protocol):
 # --- sizes --------------------------------------------------------------------------------------
 
 
+# Gradient buckets of the overlapped data-parallel all-reduce, in elements (Megatron-LM's
+# --ddp-bucket-size default, 40M; the trials use the same unless a test sets a smaller one).
+GRAD_BUCKET_ELEMENTS = 40_000_000
+
+
+def grad_reduce_time(
+    cfg: TrialConfig, cluster: ClusterSpec, params: int, *, dp_link: tuple[float, float], backward: float
+) -> float:
+    """The exposed time of a stage's data-parallel gradient all-reduce (ring over its dp link).
+
+    Without overlap, all of it after the step's last backward. With `overlap_grad_reduce`, the
+    buckets are reduced while the stage's last backward runs (their gradients are final in the
+    reverse order of the layers): what is exposed is what does not fit in that backward's time,
+    and at least the last bucket, which waits for the backward's end.
+    """
+    nbytes = params * GRAD_BYTES[cluster.dtype]
+    whole = allreduce_time(nbytes, cfg.dp, *dp_link)
+    if not cfg.overlap_grad_reduce:
+        return whole
+    last = allreduce_time(min(nbytes, GRAD_BUCKET_ELEMENTS * GRAD_BYTES[cluster.dtype]), cfg.dp, *dp_link)
+    return max(whole - backward, last)
+
+
 def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int, layers: int | None = None) -> int:
     """Parameters held by one tensor-parallel rank of stage `stage` (exact for `models.py`).
 
@@ -367,8 +390,8 @@ def stage_costs(
       all-gather and a reduce-scatter move what one all-reduce does) to the next stage;
     - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
     - post: the cluster's `post_overhead`, the thread time of each send or receive posted;
-    - tail: the data-parallel all-reduce of the stage's gradients (GRAD_BYTES) plus the optimizer
-      step;
+    - tail: the exposed data-parallel all-reduce of the stage's gradients (`grad_reduce_time`)
+      plus the optimizer step;
     - act_bytes: saved bytes of one micro-batch; static_bytes: parameters, gradients and optimizer
       state (`static_bytes`: its state sharded over dp with the distributed optimizer).
     """
@@ -415,7 +438,7 @@ def stage_costs(
         updated = -(-params // cfg.dp) if cfg.distributed_optimizer else params  # its shard only
         tail = optimizer_time(cfg, cluster, updated, profile=profile)
         if cfg.dp > 1:
-            tail += allreduce_time(params * GRAD_BYTES[cluster.dtype], cfg.dp, *dp_link)
+            tail += grad_reduce_time(cfg, cluster, params, dp_link=dp_link, backward=bwd)
         out.append(
             StageCosts(
                 fwd=fwd,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import optuna
 
-from autotune.config import BASELINES, TrialConfig
+from autotune.config import BASELINES, TrialConfig, describe_later_knobs
 from autotune.results import TrialResult
 from autotune.timeline import kept
 from autotune.tuner.calibration import Calibration, KnobCorrection
@@ -421,9 +421,10 @@ class Campaign:
 def describe(config: dict[str, Any]) -> str:
     """A configuration in one short line."""
     flash = "flash" if config["flash_attention"] else "no-flash"
+    later = describe_later_knobs(config)
     return (
         f"tp{config['tp']} pp{config['pp']} dp{config['dp']} mbs{config['micro_batch_size']} "
-        f"{config['schedule']} recompute={config['recompute']} {flash}"
+        f"{config['schedule']} recompute={config['recompute']} {flash}" + (f" {later}" if later else "")
     )
 
 

@@ -346,3 +346,16 @@ def test_identity_ignores_later_knobs_at_their_defaults() -> None:
     assert TrialConfig.from_dict(old) == cfg
     uneven = TrialConfig(model=load_model("tiny-gpt"), pp=2, stage_layers=(1, 3))
     assert config_hash(uneven.to_dict()) != config_hash(cfg.to_dict())
+
+
+def test_later_knobs_are_described_only_when_set() -> None:
+    from autotune.config import describe_later_knobs
+
+    assert describe_later_knobs(TrialConfig(model=load_model("tiny-gpt"), pp=2).to_dict()) == ""
+    cfg = TrialConfig(
+        model=load_model("tiny-gpt"), tp=2, pp=2, dp=2, stage_layers=(1, 3), distributed_optimizer=True,
+        overlap_grad_reduce=True, sequence_parallel=True, dtype="bf16",
+    )  # fmt: skip
+    assert describe_later_knobs(cfg.to_dict()) == (
+        "layers=1+3 distributed-optimizer overlap-grad-reduce sequence-parallel bf16"
+    )

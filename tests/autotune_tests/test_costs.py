@@ -250,3 +250,22 @@ def test_dtype_sets_the_bytes_and_the_peak() -> None:
     )
     assert fp32[0].act_bytes > bf16[0].act_bytes == fp16[0].act_bytes
     assert fp32[0].fwd > bf16[0].fwd  # TF32: half the 16-bit peak, and twice the bytes
+
+
+def test_overlapped_gradient_reduction_hides_behind_the_last_backward() -> None:
+    import dataclasses
+
+    from autotune.estimate.costs import GRAD_BUCKET_ELEMENTS, GRAD_BYTES, grad_reduce_time
+
+    cluster = load_cluster("a100-80g-8x8")
+    cfg = _cfg("gpt3-175b", tp=8, pp=2, dp=4, micro_batch_size=1, num_microbatches=8)
+    over = dataclasses.replace(cfg, overlap_grad_reduce=True)
+    plain, hidden = stage_costs(cfg, cluster), stage_costs(over, cluster)
+    assert hidden[0].tail < plain[0].tail
+    params = stage_params(cfg.model, stage=0, num_stages=2, tp=8)
+    link = (25e9 * cluster.inter_efficiency, 1e-5)
+    whole = allreduce_time(params * 4, 4, *link)
+    last = allreduce_time(GRAD_BUCKET_ELEMENTS * GRAD_BYTES["bf16"], 4, *link)
+    assert grad_reduce_time(over, cluster, params, dp_link=link, backward=0.0) == pytest.approx(whole)
+    assert grad_reduce_time(over, cluster, params, dp_link=link, backward=whole) == pytest.approx(last)
+    assert grad_reduce_time(cfg, cluster, params, dp_link=link, backward=whole) == pytest.approx(whole)

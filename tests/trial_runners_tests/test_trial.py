@@ -202,3 +202,36 @@ def test_distributed_optimizer_trains_the_same_and_shards_the_state() -> None:
         assert stage.peak_memory_bytes - stage.peak_activation_bytes == want  # parameters, grads, state
         predicted = estimate(cfg, load_cluster("cpu-local"))["stages"][0]
         assert predicted["peak_memory_bytes"] == stage.peak_memory_bytes
+
+
+def test_overlapped_gradient_reduction_trains_the_same_and_starts_during_the_backward(tmp_path: Path) -> None:
+    """dp 2, --overlap-grad-reduce with small buckets: the same losses and gradients as the
+    all-reduce after the backward, and buckets reduced while the backward still ran."""
+    from trial_runners.launch import run_job
+
+    base = TrialConfig(model=load_model("tiny-llama"), pp=2, dp=2, num_microbatches=3)
+    overlap = TrialConfig(
+        model=load_model("tiny-llama"), pp=2, dp=2, num_microbatches=3, overlap_grad_reduce=True
+    )
+    assert (
+        TrialConfig(model=load_model("tiny-llama"), overlap_grad_reduce=True).overlap_grad_reduce is False
+    )  # dp 1
+    runs = [
+        {"config": cfg.to_dict(), "steps": 2, "seed": 0, "grad_bucket_elements": 20_000,
+         "dump_dir": str(tmp_path / name)}
+        for name, cfg in (("base", base), ("overlap", overlap))
+    ]  # fmt: skip
+    for run in runs:
+        Path(run["dump_dir"]).mkdir()
+    outcome = run_job(runs, world_size=4, timeout=300)
+    assert outcome.status == "ok", outcome.error
+    plain, over = outcome.results
+    for a, b in zip(plain, over, strict=True):
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-6)
+    assert all(max(r["overlapped_buckets"]) >= 1 for r in over), [r["overlapped_buckets"] for r in over]
+    for rank in range(4):
+        a = np.load(tmp_path / "base" / f"rank{rank}.npz")
+        b = np.load(tmp_path / "overlap" / f"rank{rank}.npz")
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-6, atol=1e-9, err_msg=name)
