@@ -28,6 +28,7 @@ column-parallel weights and biases, 1 for row-parallel weights), so the full ten
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -172,13 +173,19 @@ def sync_sequence_parallel_grads(params: nn.Module | list[Tensor], group: Group)
     region uses (each rank's covers its part of the sequence); `params`: a module's, or the
     tensors holding them (fp32 masters, marked alike)."""
     tensors = params.parameters() if isinstance(params, nn.Module) else params
-    grads = [p.grad for p in tensors if getattr(p, SEQUENCE_PARALLEL_ATTR, False) and p.grad is not None]
-    if not grads or tp_size(group) == 1:
+    if tp_size(group) > 1:
+        all_reduce_grads([p for p in tensors if getattr(p, SEQUENCE_PARALLEL_ATTR, False)], group)
+
+
+def all_reduce_grads(holders: Iterable[Tensor], group: Group) -> None:
+    """Sum the `.grad` of `holders` over `group` in place, as one flat all-reduce."""
+    grads = [h.grad for h in holders if h.grad is not None]
+    if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
     _all_reduce(flat, group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(synced)
+    for grad, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(summed)
 
 
 def _shard(full: int, t: int, what: str) -> int:

@@ -35,7 +35,7 @@ from trial_runners.grad_reduce import OverlappedGradReduce
 from trial_runners.memory import ActivationTracker, SimulatedOOM
 from trial_runners.models import StageModule, build_stage
 from trial_runners.optimizer import TrialOptimizer
-from trial_runners.tensor_parallel import sync_sequence_parallel_grads
+from trial_runners.tensor_parallel import all_reduce_grads, sync_sequence_parallel_grads
 
 EXIT_OOM = 3
 
@@ -254,7 +254,7 @@ def _train(
             if reducer is not None:
                 overlapped.append(reducer.finish())
             else:
-                _all_reduce_grads(grads, dp_group)
+                all_reduce_grads(grads, dp_group)
             loss_t = torch.tensor([loss], device=device)
             dist.all_reduce(loss_t, group=dp_group)
             loss = float(loss_t.item())
@@ -267,14 +267,6 @@ def _train(
         times.append(time.perf_counter() - start)
         losses.append(loss)
     return times, losses, evicted, overlapped
-
-
-def _all_reduce_grads(params: list[torch.Tensor], group: Any) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(synced)
 
 
 def _dump_grads(module: torch.nn.Module, grads: list[torch.Tensor], path: Path) -> None:
