@@ -16,10 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from autotune import knobs
 from autotune.config import (
     DEVICES,
     MODEL_FIELDS,
-    SCHEDULES,
     TRIAL_DTYPES,
     TrialConfig,
     check_schedule,
@@ -54,48 +54,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "ffn-hidden-size",
     ):
         p.add_argument(f"--{name}", type=int, default=None, help="override the model's shape")
-    for name in ("tp", "pp", "dp"):
-        p.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree (default 1)")
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    knobs.add_flags(p)
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--num-microbatches", type=int, default=0, help="default: pp")
     batch.add_argument("--global-batch-size", type=int, default=0, help="= micro x num x dp")
-    p.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(SCHEDULES)}")
     p.add_argument(
         "--bpipe-cap",
         type=int,
         default=None,
         help="BPipe's per-stage limit in micro-batches (default ceil((pp+1)/2))",
     )
-    p.add_argument(
-        "--stage-layers",
-        default=None,
-        metavar="L0,L1,...",
-        help="layers per pipeline stage, possibly uneven (default: the split that balances the stages)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="",
-        help="bf16, fp16 or fp32 (16-bit: mixed precision, fp32 master weights); default: the device's "
-        "(trials: fp32 on a CPU, bf16 on a GPU; estimates: the cluster's)",
-    )
-    p.add_argument(
-        "--sequence-parallel",
-        action="store_true",
-        help="split the hidden states between the tensor-parallel regions along the sequence (Megatron)",
-    )
-    p.add_argument(
-        "--overlap-grad-reduce",
-        action="store_true",
-        help="all-reduce the gradients over dp in buckets while the last backward runs (Megatron, torch DDP)",
-    )
-    p.add_argument(
-        "--distributed-optimizer",
-        action="store_true",
-        help="shard the optimizer state over the dp ranks (ZeRO-1, Megatron's distributed optimizer)",
-    )
-    p.add_argument("--recompute", default="none", help="none, selective or full")
-    p.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--memory-limit", default=None, help="per-device cap, e.g. 2GiB")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -112,40 +80,16 @@ def config_from_args(args: argparse.Namespace, *, default_device: str | None = N
     model = load_model(args.model, **shape)
     cfg = TrialConfig(
         model=model,
-        tp=args.tp,
-        pp=args.pp,
-        dp=args.dp,
-        micro_batch_size=args.micro_batch_size,
         num_microbatches=args.num_microbatches,
         global_batch_size=args.global_batch_size,
-        schedule=args.schedule,
-        recompute=args.recompute,
-        flash_attention=args.flash_attention,
         device=args.device or "cpu",
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
         bpipe_cap=_bpipe_cap(args),
-        stage_layers=_stage_layers(args),
-        distributed_optimizer=bool(getattr(args, "distributed_optimizer", False)),
-        overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
-        sequence_parallel=bool(getattr(args, "sequence_parallel", False)),
-        dtype=getattr(args, "dtype", "") or "",
+        **knobs.from_args(args),
     )
     if args.device is None and default_device is None and _default_device() == "cuda":  # imports torch: last
         cfg = dataclasses.replace(cfg, device="cuda")
     return cfg
-
-
-def _stage_layers(args: argparse.Namespace) -> tuple[int, ...]:
-    """--stage-layers 5,6,... as TrialConfig takes it (empty: the default split)."""
-    text = getattr(args, "stage_layers", None)
-    if text is None:
-        return ()
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ConfigError(
-            "--stage-layers", f"expected comma-separated layer counts such as 6,6,5, got {text!r}"
-        ) from None
 
 
 def _bpipe_cap(args: argparse.Namespace) -> int:
@@ -200,6 +144,7 @@ def _check_trial(args: argparse.Namespace) -> Work:
             "--timeout", f"must be positive seconds, at most {MAX_SECONDS:,}, got {args.timeout}"
         )
     cfg = config_from_args(args)
+    knobs.check_trialable((k.name, getattr(cfg, k.name)) for k in knobs.REGISTRY)
     if cfg.trial_dtype not in TRIAL_DTYPES:
         raise ConfigError(
             "--dtype",
@@ -294,8 +239,12 @@ def _check_profile(args: argparse.Namespace) -> Work:
     shape = {k: getattr(args, k) for k in _SHAPE}
     model = load_model(args.model, **shape)
     sizes = _micro_batch_sizes(args.micro_batch_sizes)
-    out = check_output(args.out, "--out")
     device = args.device or _default_device()
+    # the shard's rules are a configuration's: tp must split the heads, the MLP and the vocabulary
+    shard = TrialConfig(model=model, tp=args.tp, device=device, dtype=args.dtype)
+    if shard.trial_dtype not in TRIAL_DTYPES:
+        raise ConfigError("--dtype", f"profiles measure {' or '.join(TRIAL_DTYPES)}, as trials train")
+    out = check_output(args.out, "--out")
     _check_device(device, 1)
 
     def work() -> int:
@@ -305,8 +254,13 @@ def _check_profile(args: argparse.Namespace) -> Work:
         def progress(line: str) -> None:
             print(f"  {line}", file=sys.stderr, flush=True)
 
-        print(f"profiling {model.name} on {device} at micro-batch sizes {sizes}", file=sys.stderr)
-        profile = run_profile(model, micro_batch_sizes=sizes, device=device, progress=progress)
+        shard_of = f", one rank's shard at tp {shard.tp}" if shard.tp > 1 else ""
+        what = f"{model.name} on {device} in {shard.trial_dtype}"
+        print(f"profiling {what} at micro-batch sizes {sizes}{shard_of}", file=sys.stderr)
+        profile = run_profile(
+            model, micro_batch_sizes=sizes, device=device, progress=progress, tp=shard.tp,
+            dtype=shard.trial_dtype,
+        )  # fmt: skip
         path = save_profile(profile, out)
         print(
             json.dumps({"out": str(path), "entries": len(profile["entries"])})
@@ -410,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
         prof.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     prof.add_argument("--micro-batch-sizes", default="1,2,4")
+    prof.add_argument(
+        "--tp", type=int, default=1, help="time one rank's shard of a tp group this size (default 1)"
+    )
+    prof.add_argument("--dtype", default="", help="fp32 or bf16 (default: fp32 on a CPU, bf16 on a GPU)")
     prof.add_argument("--out", required=True, help="where to write the profile (JSON)")
     prof.add_argument("--json", action="store_true")
     prof.set_defaults(check=_check_profile)

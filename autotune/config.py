@@ -17,20 +17,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from autotune import knobs
 from autotune.errors import ConfigError
 from autotune.files import load_yaml, read_yaml
+from autotune.knobs import DTYPE_BYTES as DTYPE_BYTES  # re-exported: the dtype facts live there
+from autotune.knobs import RECOMPUTE as RECOMPUTE
+from autotune.knobs import SCHEDULES as SCHEDULES
 from autotune.limits import BOUNDS, MAX_BYTES, check_bound, check_cells
 
 FAMILIES = ("gpt", "llama")
-SCHEDULES = ("1f1b", "gpipe", "bpipe")
 BASELINES = tuple(s for s in SCHEDULES if s != "bpipe")  # what BPipe is judged against
-RECOMPUTE = ("none", "selective", "full")
 DEVICES = ("cpu", "cuda")
-# Training dtypes and their bytes per element (16-bit ones: mixed precision, fp32 master weights)
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TRIAL_DTYPES = ("fp32", "bf16")  # what trials train in (fp16 would need loss scaling)
-# What a search space searches over: a TrialConfig field each (a campaign's knob key, in order)
-KNOBS = ("tp", "pp", "dp", "micro_batch_size", "schedule", "recompute", "flash_attention")
+# What a search space searches over: a TrialConfig field each (a campaign's knob key, in order;
+# the registry in autotune.knobs says which)
+KNOBS = knobs.SEARCHABLE
 
 # The shape fields of a model (YAML keys; the CLI flags are the same with dashes).
 MODEL_FIELDS = (
@@ -265,14 +266,12 @@ class TrialConfig:
     overlap_grad_reduce: bool = False  # the dp all-reduce in buckets during the last backward
     sequence_parallel: bool = False  # hidden states between the tp regions split along the sequence
     dtype: str = ""  # "" = the device's: fp32 on a CPU, bf16 on a GPU (estimates: the cluster's)
+    grad_accumulation_fusion: bool = False  # estimates: the wgrad GEMMs accumulate in place
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(flag(name), f"must be a positive integer, got {value!r}")
-            check_bound(name, value, flag(name))
+        for knob in knobs.REGISTRY[:4]:  # tp, pp, dp, micro-batch first: the layout's checks use them
+            knob.check(getattr(self, knob.name))
         for name in ("num_microbatches", "global_batch_size", "bpipe_cap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -281,14 +280,11 @@ class TrialConfig:
                 check_bound(name, value, flag(name))
         world = self.tp * self.pp * self.dp
         check_bound("world_size", world, "--dp" if self.dp > 1 else "--tp" if self.tp > 1 else "--pp")
-        self._check_choice("schedule", SCHEDULES)
-        self._check_choice("recompute", RECOMPUTE)
+        if isinstance(self.stage_layers, list):
+            object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+        for knob in knobs.REGISTRY[4:]:
+            knob.check(getattr(self, knob.name))
         self._check_choice("device", DEVICES)
-        if self.dtype and self.dtype not in DTYPE_BYTES:
-            raise ConfigError("--dtype", f"must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        for name in ("distributed_optimizer", "sequence_parallel", "overlap_grad_reduce"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(flag(name), f"must be true or false, got {getattr(self, name)!r}")
         self._normalise_batch()
         self._check_layout()
 
@@ -349,6 +345,8 @@ class TrialConfig:
             )
         if self.overlap_grad_reduce and self.dp == 1:
             object.__setattr__(self, "overlap_grad_reduce", False)  # no gradient all-reduce to overlap
+        if self.distributed_optimizer and self.dp == 1:
+            object.__setattr__(self, "distributed_optimizer", False)  # one shard: the whole state
         if self.sequence_parallel and self.tp == 1:
             object.__setattr__(self, "sequence_parallel", False)  # nothing to split over: the same run
         if self.sequence_parallel and m.seq_len % self.tp:
@@ -416,50 +414,16 @@ class TrialConfig:
         return cls(model=model, **data)
 
 
-# Knobs added after stores were first written, with the value that means "as before": a
-# configuration's identity (`identity`, hashed by storage.records.config_hash) leaves such a knob
-# out where it holds that value, so every measurement recorded before the knob existed still
-# matches its configuration.
-LATER_KNOBS: dict[str, Any] = {
-    "stage_layers": [],
-    "distributed_optimizer": False,
-    "overlap_grad_reduce": False,
-    "sequence_parallel": False,
-    "dtype": "",
-}
-
-
 def identity(config: dict[str, Any]) -> dict[str, Any]:
-    """A configuration dict (`TrialConfig.to_dict`) without the later knobs at their defaults."""
-    return {k: v for k, v in config.items() if not (k in LATER_KNOBS and _same(v, LATER_KNOBS[k]))}
-
-
-# How the one-line descriptions (estimate, trial, campaign progress) show a later knob that is
-# not at its default.
-_LATER_LABELS: dict[str, Any] = {
-    "stage_layers": lambda v: "layers=" + "+".join(map(str, v)),
-    "distributed_optimizer": lambda v: "distributed-optimizer",
-    "overlap_grad_reduce": lambda v: "overlap-grad-reduce",
-    "sequence_parallel": lambda v: "sequence-parallel",
-    "dtype": lambda v: str(v),
-}
-assert _LATER_LABELS.keys() == LATER_KNOBS.keys()
+    """A configuration dict (`TrialConfig.to_dict`) without the later knobs at their defaults
+    (what a configuration's hash covers: `knobs.identity`)."""
+    return knobs.identity(config)
 
 
 def describe_later_knobs(config: dict[str, Any]) -> str:
     """The later knobs of a configuration dict that differ from their defaults, space-separated
-    ("" when none do), for the one-line descriptions."""
-    return " ".join(
-        label(config[k])
-        for k, label in _LATER_LABELS.items()
-        if k in config and not _same(config[k], LATER_KNOBS[k])
-    )
-
-
-def _same(value: Any, default: Any) -> bool:
-    if isinstance(default, list):
-        return isinstance(value, (list, tuple)) and list(value) == default
-    return bool(value == default)
+    ("" when none do), for the one-line descriptions (`knobs.describe_later`)."""
+    return knobs.describe_later(config)
 
 
 def _head_layers(spec: ModelSpec) -> float:

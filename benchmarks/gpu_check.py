@@ -10,13 +10,17 @@ the paper's BPipe cases, within a few minutes.
 2. **A real trial**: `autotune trial --device cuda` (tiny-gpt, 3 steps) must end `ok`.
 3. **The paper's cases**: `autotune estimate --method paper` of gpt3-65b and llama-65b at tp 8,
    pp 8, global batch 1024 on `a100-80g-8x8` (BPipe at micro-batch 4), printing BPipe's predicted
-   speedup by our simulator and by the paper's MFU-based method.
+   speedup by our simulator and by the paper's MFU-based method, from the kernel model.
+4. **The same cases from a measured profile**: `autotune profile --tp 8 --dtype bf16` of each
+   model on this GPU (one rank's shard of every part, micro-batch 1, 2, 4, flash on and off,
+   every recomputation mode), fed to `autotune estimate --profile` of the same cases on a
+   cluster of this device (`--device-row`), printing BPipe's speedups from measurements.
 
     python -m benchmarks.gpu_check [--out benchmarks/results] [--repeats 10]
     python -m benchmarks.gpu_check --dry-run   # on the CPU, tiny shapes (the test suite runs it)
 
-Writes `gpu-check-<device>.json` and `.log` under `--out`, naming the device. Not yet: feeding
-a measured tp-8 bf16 profile to `autotune estimate` (`autotune profile` measures tp 1 in fp32).
+Writes `gpu-check-<device>.json` and `.log` under `--out`, naming the device, and the profiles
+beside them (`profile-<model>-tp8-<device>.json`).
 """
 
 from __future__ import annotations
@@ -52,12 +56,20 @@ class Plan:
     seq_len: int | None
     device: str
     trial: tuple[str, ...]
+    # the paper's cases: their models, the estimate's flags, the sizes profiled
+    case_models: tuple[str, ...]
+    case_flags: tuple[str, ...]
+    profile_sizes: str
 
 
+_PAPER_FLAGS = ("--tp", "8", "--pp", "8", "--global-batch-size", "1024", "--micro-batch-size", "4")
 GPU = Plan(("gpt3-175b", "llama-65b"), 8, torch.bfloat16, 2, (1, 2, 4, 8), 2048, "cuda",
-           ("--model", "tiny-gpt", "--device", "cuda", "--steps", "3"))  # fmt: skip
+           ("--model", "tiny-gpt", "--device", "cuda", "--steps", "3"),
+           ("gpt3-65b", "llama-65b"), _PAPER_FLAGS, "1,2,4")  # fmt: skip
 DRY = Plan(("tiny-gpt", "tiny-llama"), 2, torch.float32, 4, (1, 2), None, "cpu",
-           ("--model", "tiny-gpt", "--device", "cpu", "--steps", "1"))  # fmt: skip
+           ("--model", "tiny-gpt", "--device", "cpu", "--steps", "1"),
+           ("tiny-gpt", "tiny-llama"), ("--tp", "2", "--pp", "4", "--global-batch-size", "8",
+           "--micro-batch-size", "2"), "1,2")  # fmt: skip
 
 
 def _timed(fn: Any, *, device: str, repeats: int) -> float:
@@ -126,17 +138,22 @@ def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-def paper_cases(timeout: float) -> list[dict[str, Any]]:
+def paper_cases(
+    plan: Plan, *, cluster: str, timeout: float, profiles: dict[str, Path] | None = None
+) -> list[dict[str, Any]]:
+    """BPipe's predicted speedup in the paper's cases on `cluster`: by the kernel model, or from
+    each model's measured profile (`profiles`)."""
     out: list[dict[str, Any]] = []
-    for model in ("gpt3-65b", "llama-65b"):
+    for model in plan.case_models:
+        source = ("--profile", str(profiles[model])) if profiles else ()
         for flash in ("--flash-attention", "--no-flash-attention"):
             proc = _cli(
-                "estimate", "--model", model, "--cluster", "a100-80g-8x8", "--tp", "8", "--pp", "8",
-                "--global-batch-size", "1024", "--micro-batch-size", "4", "--schedule", "bpipe", flash,
-                "--method", "paper", "--json", timeout=timeout,
+                "estimate", "--model", model, "--cluster", cluster, *plan.case_flags, "--schedule", "bpipe",
+                flash, "--method", "paper", "--json", *source, timeout=timeout,
             )  # fmt: skip
             if proc.returncode != 0:
-                out.append({"model": model, "flash": flash, "error": proc.stderr.strip()[-300:]})
+                error = proc.stderr.strip()[-300:]
+                out.append({"model": model, "flash_attention": flash == "--flash-attention", "error": error})
                 continue
             paper = json.loads(proc.stdout).get("paper") or {}
             out.append({
@@ -146,6 +163,35 @@ def paper_cases(timeout: float) -> list[dict[str, Any]]:
                 "reason": paper.get("reason"),
             })  # fmt: skip
     return out
+
+
+def profile_models(plan: Plan, out_dir: Path, device_name: str, timeout: float) -> dict[str, Path]:
+    """`autotune profile` of each case model as one tp rank's shard, in the plan's dtype, on this
+    device; the profile files by model (a model whose profile failed is left out)."""
+    dtype = "bf16" if plan.dtype == torch.bfloat16 else "fp32"
+    out: dict[str, Path] = {}
+    for model in plan.case_models:
+        path = out_dir / f"profile-{model}-tp{plan.tp}-{device_name}.json"
+        proc = _cli(
+            "profile", "--model", model, "--device", plan.device, "--tp", str(plan.tp), "--dtype", dtype,
+            "--micro-batch-sizes", plan.profile_sizes, "--out", str(path), timeout=timeout,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            out[model] = path
+        else:
+            print(f"gpu_check: profile of {model} failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+    return out
+
+
+def _case_lines(title: str, cases: list[dict[str, Any]]) -> list[str]:
+    lines = ["", title]
+    for c in cases:
+        ours = f"{c['ours']:.3f}x" if c.get("ours") else "-"
+        theirs = f"{c['paper']:.3f}x" if c.get("paper") else "-"
+        note = c.get("reason") or c.get("error") or ""
+        mode = "on " if c.get("flash_attention") else "off"
+        lines.append(f"  {c['model']:<10} flash {mode} {ours:>8} {theirs:>8} {note}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,28 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     trial = _cli("trial", *plan.trial, "--json", timeout=300)
     trial_status = json.loads(trial.stdout)["status"] if trial.returncode == 0 and trial.stdout else "failed"
     lines += ["", f"autotune trial {' '.join(plan.trial)}: {trial_status}"]
-    cases = paper_cases(timeout=120)
-    lines += [
-        "",
-        "BPipe (mbs 4) vs the best 1F1B that fits, tp 8 pp 8 on a100-80g-8x8 (ours / paper's method):",
-    ]
-    for c in cases:
-        ours = f"{c['ours']:.3f}x" if c.get("ours") else "-"
-        theirs = f"{c['paper']:.3f}x" if c.get("paper") else "-"
-        note = c.get("reason") or c.get("error") or ""
-        mode = "on " if c.get("flash_attention") else "off"
-        lines.append(f"  {c['model']:<10} flash {mode} {ours:>8} {theirs:>8} {note}")
+    layout = " ".join(plan.case_flags)
+    roofline_cluster = "a100-80g-8x8" if plan.device == "cuda" else "cpu-local"
+    cases = paper_cases(plan, cluster=roofline_cluster, timeout=120)
+    lines += _case_lines(
+        f"BPipe vs the best 1F1B that fits, {layout} on {roofline_cluster}, kernel model "
+        "(ours / paper's method):",
+        cases,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    device_name = "dry-run" if args.dry_run else name.lower().replace(" ", "-")
+    profiles = profile_models(plan, args.out, device_name, timeout=600)
+    measured_cluster = f"{args.device_row}-8x8" if plan.device == "cuda" else "cpu-local"
+    profiled = paper_cases(plan, cluster=measured_cluster, timeout=120, profiles=profiles) if profiles else []
+    lines += _case_lines(
+        f"the same from profiles measured here (tp {plan.tp} shards), on {measured_cluster} "
+        "(ours / paper's method):",
+        profiled,
+    )
     elapsed = time.perf_counter() - started
     lines += ["", f"done in {elapsed:.0f} s"]
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu-check-" + ("dry-run" if args.dry_run else name.lower().replace(" ", "-"))
+    stem = f"gpu-check-{device_name}"
     report = {"device": name, "device_row": args.device_row, "shards": shards, "trial": trial_status,
-              "paper_cases": cases, "seconds": elapsed}  # fmt: skip
+              "paper_cases": cases, "profiled_cases": profiled,
+              "profiles": {m: p.name for m, p in profiles.items()}, "seconds": elapsed}  # fmt: skip
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{stem}.log").write_text(text + "\n")
-    return 0 if trial_status == "ok" else 1
+    return 0 if trial_status == "ok" and len(profiles) == len(plan.case_models) else 1
 
 
 if __name__ == "__main__":

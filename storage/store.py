@@ -13,11 +13,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, inspect, or_, select, update
+from sqlalchemy import Select, and_, delete, func, inspect, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, contains_eager, sessionmaker
 
+from autotune.knobs import KNOB
 from autotune.results import TrialResult
 from storage import _convert as conv
 from storage.base import BaseStore
@@ -516,20 +517,23 @@ def _by_study(
     return _matching(query, (Study.name, study), (Study.model, model), (Study.cluster, cluster))
 
 
-_KNOB_TYPES = {"schedule": "string", "recompute": "string", "flash_attention": "boolean"}
+_SQL_KINDS = {"choice": "string", "switch": "boolean", "count": "integer"}  # of autotune.knobs' kinds
 
 
 def _knob_column(knob: str) -> Any:
-    """A knob of the trial's stored configuration as an SQL expression (JSON, both dialects)."""
+    """A knob of the trial's stored configuration as an SQL expression (JSON, both dialects); a
+    later knob that an older configuration lacks reads as its default."""
     value = Config.config[knob]
-    kind = _KNOB_TYPES.get(knob, "integer")
+    kind = _SQL_KINDS[KNOB[knob].kind]
     if kind == "string":
-        return value.as_string()
-    return value.as_boolean() if kind == "boolean" else value.as_integer()
+        column = value.as_string()
+    else:
+        column = value.as_boolean() if kind == "boolean" else value.as_integer()
+    return func.coalesce(column, literal(KNOB[knob].default)) if KNOB[knob].later else column
 
 
 def _knob_equals(knob: str, value: Any) -> Any:
-    kind = _KNOB_TYPES.get(knob, "integer")
+    kind = _SQL_KINDS[KNOB[knob].kind]
     if kind == "boolean" and not isinstance(value, bool):
         raise ValueError(f"knob {knob!r} takes true or false, not {value!r}")
     if kind == "integer" and (isinstance(value, bool) or not isinstance(value, int)):

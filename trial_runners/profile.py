@@ -70,6 +70,9 @@ from trial_runners.comm_profile import measure_p2p
 from trial_runners.launch import job_folder, run_side_by_side, worker_env
 from trial_runners.memory import ActivationTracker
 from trial_runners.models import StageModule, build_stage
+from trial_runners.optimizer import adamw
+from trial_runners.tensor_parallel import ShardShapes
+from trial_runners.worker import TORCH_DTYPES
 
 
 def default_threads() -> list[int]:
@@ -87,10 +90,21 @@ def cpu_name() -> str:
 
 
 def part_module(
-    spec: ModelSpec, part: str, *, flash_attention: bool, recompute: str, device: torch.device
+    spec: ModelSpec,
+    part: str,
+    *,
+    flash_attention: bool,
+    recompute: str,
+    device: torch.device,
+    tp: int = 1,
+    dtype: torch.dtype = torch.float32,
 ) -> StageModule:
-    """The real stage module holding only `part` (see the module docstring)."""
-    kw: dict[str, Any] = {"flash_attention": flash_attention, "recompute": recompute, "device": device}
+    """The real stage module holding only `part` (see the module docstring); with `tp` > 1, one
+    tensor-parallel rank's shard of it (`ShardShapes`: rank 0's, collectives skipped)."""
+    kw: dict[str, Any] = {
+        "flash_attention": flash_attention, "recompute": recompute, "device": device, "dtype": dtype,
+        "tp_group": ShardShapes(tp) if tp > 1 else None,
+    }  # fmt: skip
     if part == "layer":
         return build_stage(dataclasses.replace(spec, num_layers=3), stage=1, num_stages=3, **kw)
     if part not in ("embed", "head"):
@@ -107,6 +121,7 @@ class _Part:
 
     def __init__(self, spec: ModelSpec, part: str, b: int, module: StageModule, device: torch.device):
         self.part, self.module, self.device = part, module, device
+        self.dtype = next(module.parameters()).dtype
         self.shape = (b, spec.seq_len)
         self.hidden = (b, spec.seq_len, spec.hidden_size)
         self.vocab = spec.vocab_size
@@ -116,7 +131,7 @@ class _Part:
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.part == "embed":
             return torch.randint(0, self.vocab, self.shape, device=self.device), None
-        x = torch.randn(self.hidden, device=self.device, requires_grad=True)
+        x = torch.randn(self.hidden, device=self.device, dtype=self.dtype, requires_grad=True)
         if self.part == "head":
             return x, torch.randint(0, self.vocab, self.shape, device=self.device)  # own storage
         return x, None
@@ -175,19 +190,21 @@ def _measure_optimizer(
     warmup: int,
     repeats: int,
     sync: Callable[[], None],
+    tp: int = 1,
 ) -> dict[int, list[float]]:
-    """Seconds of the trial's optimizer step (AdamW.step over parameters holding fresh gradients)
-    over one layer's and over four layers' parameters, by parameter count."""
+    """Seconds of the trial's optimizer step (AdamW.step over fp32 parameters holding fresh
+    gradients: the parameters, or in mixed precision their masters) over one layer's and over four
+    layers' parameters (one tp rank's shard), by parameter count."""
     times: dict[int, list[float]] = {}
     for copies in (1, 4):
         params = [
             p
             for _ in range(copies)
             for p in part_module(
-                spec, "layer", flash_attention=True, recompute="none", device=device
+                spec, "layer", flash_attention=True, recompute="none", device=device, tp=tp
             ).parameters()
         ]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        optimizer = adamw(params, 1e-3)
         samples = []
         for i in range(warmup + repeats):
             optimizer.zero_grad(set_to_none=True)
@@ -252,8 +269,18 @@ class _Samples:
     step, gathered over several passes, by process (`add` brings in another process's); at the
     end each figure is the mean of the slowest process."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device, sync: Callable[[], None], *, warmup: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: torch.device,
+        sync: Callable[[], None],
+        *,
+        warmup: int,
+        tp: int = 1,
+        dtype: str = "fp32",
+    ):
         self.spec, self.device, self.sync, self.warmup = spec, device, sync, warmup
+        self.tp, self.dtype = tp, TORCH_DTYPES[dtype]
         # key -> one (forward samples, backward samples) per process
         self.times: dict[tuple[Any, ...], list[tuple[list[float], list[float]]]] = {}
         self.nbytes: dict[tuple[Any, ...], int] = {}
@@ -268,7 +295,10 @@ class _Samples:
         spec, dev = self.spec, self.device
         for fl, rc in itertools.product(dict.fromkeys(flash), dict.fromkeys(recompute)):
             modules = {
-                part: part_module(spec, part, flash_attention=fl, recompute=rc, device=dev) for part in PARTS
+                part: part_module(
+                    spec, part, flash_attention=fl, recompute=rc, device=dev, tp=self.tp, dtype=self.dtype
+                )
+                for part in PARTS
             }
             for b in sizes:
                 for part, module in modules.items():
@@ -281,7 +311,7 @@ class _Samples:
                     got[0][0].extend(fwd)
                     got[0][1].extend(bwd)
         steps = _measure_optimizer(
-            spec, dev, threads=threads, warmup=self.warmup, repeats=repeats, sync=self.sync
+            spec, dev, threads=threads, warmup=self.warmup, repeats=repeats, sync=self.sync, tp=self.tp
         )
         for n, ts in steps.items():
             self.optimizer_times.setdefault(threads, {}).setdefault(n, [[]])[0].extend(ts)
@@ -351,10 +381,12 @@ def _measure_all(
     warmup: int,
     repeats: int,
     rounds: int,
+    tp: int = 1,
+    dtype: str = "fp32",
 ) -> _Samples:
     """Every measurement at `threads`, its `repeats` timed runs spread over `rounds` passes
     through all of them, so a slow spell of a shared machine touches every entry alike."""
-    collected = _Samples(spec, dev, sync, warmup=warmup)
+    collected = _Samples(spec, dev, sync, warmup=warmup, tp=tp, dtype=dtype)
     rng = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
@@ -398,8 +430,14 @@ def run_profile(
     rounds: int = 3,
     progress: Callable[[str], None] | None = None,
     comm: bool = True,
+    tp: int = 1,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Measure `spec`'s parts on this device; returns the profile as a JSON-able dict.
+
+    `tp` > 1: the parts as one rank of a tp group of that size holds them (its shard of every
+    split layer, collectives skipped: what `estimate` adds from the links), recorded as the
+    profile's `tp`; `dtype` (fp32 or bf16) the parts' parameters and activations.
 
     `threads` (CPU): torch thread counts to measure at; default `default_threads()`. On CUDA the
     default is the current thread count only. `comm=False` skips the gloo measurement (null).
@@ -417,11 +455,11 @@ def run_profile(
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if device == "cuda" else (lambda: None)
     rounds = max(1, min(rounds, repeats))
-    collected = _Samples(spec, dev, sync, warmup=warmup)
+    collected = _Samples(spec, dev, sync, warmup=warmup, tp=tp, dtype=dtype)
     for t in thread_counts:
         task: dict[str, Any] = {
             "threads": t, "sizes": sizes, "flash": list(flash), "recompute": list(recompute),
-            "warmup": warmup, "repeats": repeats, "rounds": rounds,
+            "warmup": warmup, "repeats": repeats, "rounds": rounds, "tp": tp, "dtype": dtype,
         }  # fmt: skip
         if device == "cpu":
             twins = max(1, (os.cpu_count() or 1) // t)
@@ -455,7 +493,9 @@ def run_profile(
                 f"{comm_figures['p2p_post'] * 1e6:.1f} us, "
                 f"bandwidth {comm_figures['p2p_bandwidth'] / 1e9:.2f} GB/s"
             )
-    profile = _document(spec, dev, comm=comm_figures, entries=entries, optimizer=optimizer)
+    profile = _document(
+        spec, dev, comm=comm_figures, entries=entries, optimizer=optimizer, tp=tp, dtype=dtype
+    )
     parse_profile(profile)  # the dict is exactly what load_profile accepts
     return profile
 
@@ -467,6 +507,8 @@ def _document(
     comm: dict[str, float] | None,
     entries: list[dict[str, Any]],
     optimizer: list[dict[str, Any]],
+    tp: int = 1,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """The profile file's JSON object (see `autotune.estimate.profiles`)."""
     cuda = dev.type == "cuda"
@@ -479,10 +521,10 @@ def _document(
             "name": torch.cuda.get_device_name(dev) if cuda else cpu_name(),
             "count": torch.cuda.device_count() if cuda else (os.cpu_count() or 1),
         },
-        "dtype": "float32",
+        "dtype": str(TORCH_DTYPES[dtype]).removeprefix("torch."),
         "torch": torch.__version__,
         "model": spec.to_dict(),
-        "tp": 1,
+        "tp": tp,
         "comm": comm,
         "entries": entries,
         "optimizer": optimizer,

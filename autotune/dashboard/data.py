@@ -19,6 +19,7 @@ from autotune.advise.pairs import layout_pairs, sides
 from autotune.answers import best_in
 from autotune.config import KNOBS, TrialConfig
 from autotune.errors import ConfigError
+from autotune.knobs import KNOB, value_of
 from autotune.timeline import chrome_trace, spans, step_time
 from storage import NotFoundError, TrialRecord
 from storage.engine import safe_url
@@ -46,7 +47,7 @@ def hardware(info: Mapping[str, Any] | None) -> str:
 
 
 def knobs_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: config.get(k) for k in KNOBS}
+    return {k: value_of(dict(config), k) for k in KNOBS}
 
 
 # -- studies ---------------------------------------------------------------------------------
@@ -214,9 +215,10 @@ def parse_filters(query: Mapping[str, str]) -> dict[str, Any]:
         raw = query.get(knob)
         if raw is None or raw == "":
             continue
-        if knob in ("schedule", "recompute"):
+        kind = KNOB[knob].kind
+        if kind == "choice":
             out[knob] = raw
-        elif knob == "flash_attention":
+        elif kind == "switch":
             if raw.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"{knob}: {raw!r} is not true or false")
             out[knob] = raw.lower() in ("true", "1")

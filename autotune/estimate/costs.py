@@ -56,9 +56,22 @@ BYTES_PER_PARAM = {"fp32": 16, "bf16": 18, "fp16": 18}
 # (its default); fp32 runs in fp32.
 GRAD_BYTES = {"fp32": 4, "bf16": 4, "fp16": 2}
 FP32_BYTES = 4  # the vocabulary-parallel loss's per-token figures
-# The optimizer step is memory-bound: it reads every state of a parameter and writes back all
-# but the gradient; counted as 2 x bytes_per_param of traffic per parameter.
-OPTIMIZER_TRAFFIC_FACTOR = 2.0
+# The optimizer step is memory-bound: bytes moved per parameter by Megatron-LM's step (its
+# mixed-precision optimizer with apex's fused Adam), kernel by kernel. fp16: the fp16 gradients
+# copied into the fp32 masters' (read 2, write 4), unscaled and checked for inf/nan (read 4,
+# write 4), the gradient norm for clipping (read 4), Adam (read parameter, gradient and two
+# moments, write parameter and moments: 28), the masters copied back into the fp16 parameters
+# (read 4, write 2), the gradient buffer zeroed (write 2): 54. bf16: the fp32 gradient buffer is
+# the masters' gradient and there is no loss scale: norm 4 + Adam 28 + copy back 6 + zeroing 4 =
+# 42. fp32: norm 4 + Adam 28 + zeroing 4 = 36. Applying the clip (read and write 8 more) happens
+# only on steps whose norm exceeds the threshold and is not counted.
+OPTIMIZER_STEP_BYTES = {"fp32": 36, "bf16": 42, "fp16": 54}
+# Bytes per parameter to accumulate one micro-batch's weight gradients: Megatron-LM without
+# --gradient-accumulation-fusion (and the trials, `trial_runners.optimizer`) adds each
+# micro-batch's 16-bit gradient into the main-gradient buffer (fp32 for bf16: read 4 + 2, write 4;
+# fp16: a 16-bit buffer, read 2 + 2, write 2); fp32 training accumulates in autograd from the
+# second micro-batch on (read 4 + 4, write 4).
+GRAD_ACCUMULATION_BYTES = {"fp32": 12, "bf16": 10, "fp16": 6}
 
 Placement = Callable[[int, int, int], int]  # (stage, dp_rank, tp_rank) -> device index
 
@@ -116,27 +129,32 @@ def stage_params(spec: ModelSpec, *, stage: int, num_stages: int, tp: int, layer
     vocabulary; norms and gpt's position embedding replicated.
     """
     layers = stage_layer_count(spec, stage=stage, num_stages=num_stages, layers=layers)
-    h, f, v, s = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size, spec.seq_len
+    h, f, v = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size
     kv = spec.num_kv_heads * spec.head_dim
     if spec.family == "gpt":
         column = (h * h + h) + 2 * (h * kv + kv) + (h * f + f)  # q, k, v, fc1 (with biases)
         row = h * h + f * h  # o, fc2 weights
         replicated = 2 * h + 4 * h  # o and fc2 biases; two LayerNorms (weight, bias)
-        embed = v * h // tp + s * h
         final_norm = 2 * h
     else:
         column = h * h + 2 * h * kv + 2 * h * f  # q, k, v, gate, up
         row = h * h + f * h  # o, down
         replicated = 2 * h  # two RMSNorm weights
-        embed = v * h // tp
         final_norm = h
     per_layer = (column + row) // tp + replicated
     total = layers * per_layer
     if stage == 0:
-        total += embed
+        total += embedding_params(spec, tp=tp)
     if stage == num_stages - 1:
         total += final_norm + h * v // tp
     return total
+
+
+def embedding_params(spec: ModelSpec, *, tp: int) -> int:
+    """The first stage's embeddings on one tensor-parallel rank: the token table split over the
+    vocabulary, and gpt's position table, replicated."""
+    table = spec.vocab_size * spec.hidden_size // tp
+    return table + (spec.seq_len * spec.hidden_size if spec.family == "gpt" else 0)
 
 
 def bytes_per_param(cluster: ClusterSpec) -> int:
@@ -261,13 +279,36 @@ def optimizer_time(
     cfg: TrialConfig, cluster: ClusterSpec, params: int, *, profile: Profile | None = None
 ) -> float:
     """The optimizer step over a rank's `params` parameters: measured by the profile where it has
-    the figure, else memory-bound (OPTIMIZER_TRAFFIC_FACTOR x bytes_per_param per parameter)."""
+    the figure, else memory-bound (OPTIMIZER_STEP_BYTES per parameter)."""
     if profile is not None:
         measured = getattr(profile, "optimizer_step_s", None)
         step = measured(params, _rank_threads(profile, cfg)) if measured is not None else None
         if step is not None:
             return float(step)
-    return params * bytes_per_param(cluster) * OPTIMIZER_TRAFFIC_FACTOR / cluster.hbm_bandwidth
+    return kernels.memory_time(params * OPTIMIZER_STEP_BYTES[cluster.dtype], _device(cluster))
+
+
+def grad_accumulation_time(cfg: TrialConfig, cluster: ClusterSpec, params: int, *, stage: int = 0) -> float:
+    """Per micro-batch, adding its weight gradients into the accumulated ones
+    (GRAD_ACCUMULATION_BYTES; fp32's first micro-batch is free, spread over the micro-batches).
+    With `grad_accumulation_fusion` the linear layers' weight-gradient GEMMs add into the main
+    gradients themselves: only the first stage's embedding table is still added by a pass."""
+    cluster = in_dtype(cluster, cfg)
+    if cfg.grad_accumulation_fusion:
+        params = embedding_params(cfg.model, tp=cfg.tp) if stage == 0 else 0
+    nbytes = float(params * GRAD_ACCUMULATION_BYTES[cluster.dtype])
+    if cluster.dtype == "fp32":
+        nbytes *= (cfg.num_microbatches - 1) / cfg.num_microbatches
+    return kernels.memory_time(nbytes, _device(cluster))
+
+
+def tp_backward_collectives(cfg: TrialConfig) -> int:
+    """All-reduces' worth of tensor-parallel collectives in one layer's backward: 2, the input
+    gradients of its two column-parallel regions; 2 more with full recomputation (its forward
+    again); 1 more with sequence parallelism, where each column-parallel linear all-gathers its
+    input again for its weight gradient instead of keeping it (two all-gathers, each half an
+    all-reduce: `trial_runners.tensor_parallel._GatherLinear`, as Megatron-LM)."""
+    return 2 + (2 if cfg.recompute == "full" else 0) + (1 if cfg.sequence_parallel else 0)
 
 
 def _device(cluster: ClusterSpec) -> kernels.Device:
@@ -382,10 +423,12 @@ def stage_costs(
 ) -> list[StageCosts]:
     """Per-stage durations and sizes of `cfg` on `cluster` (one entry per pipeline stage).
 
-    - fwd/bwd: compute (profile or roofline) + the tensor-parallel all-reduces (2 per layer in
-      forward, 2 in backward, 2 more with full recompute; b*s*h elements each, ring over the tp
-      group's link; one more for the split embedding's output on the first stage, and on the
-      last the head's input gradient and the split loss's three per-token fp32 all-reduces);
+    - fwd/bwd: compute (profile or kernel model; the kernel model's backward adds the
+      micro-batch's gradient accumulation, `grad_accumulation_time`) + the tensor-parallel
+      collectives (2 all-reduces per layer in forward, `tp_backward_collectives` in backward;
+      b*s*h elements each, ring over the tp group's link; one more for the split embedding's
+      output on the first stage, and on the last the head's input gradient, the split loss's
+      three per-token fp32 all-reduces and, with sequence parallelism, the head's all-gather);
     - send_act: one activation (b*s*h elements, b*s*h/tp with sequence parallelism: an
       all-gather and a reduce-scatter move what one all-reduce does) to the next stage;
     - evict: this stage's activation bytes of one micro-batch over its BPipe pair link;
@@ -405,19 +448,23 @@ def stage_costs(
     for s in range(p):
         first, last, layers = s == 0, s == p - 1, split[s]
         tp_link, send_link, evict_link, dp_link = links[s]
-        if profile is not None:
+        params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)
+        if profile is not None:  # its measured backward holds the accumulation
             fwd, bwd = _profile_times(profile, cfg, layers=layers, first=first, last=last)
         else:
             fwd, bwd = _roofline_times(cfg, cluster, layers=layers, first=first, last=last)
+            bwd += grad_accumulation_time(cfg, cluster, params, stage=s)
         if tp > 1:
             one = allreduce_time(hidden_bytes, tp, *tp_link)
             fwd += layers * 2 * one
-            bwd += layers * (4 if cfg.recompute == "full" else 2) * one
+            bwd += layers * tp_backward_collectives(cfg) * one
             if first:  # the split embedding's output
                 fwd += one
             if last:  # the head's input gradient; the loss's max, sum and target logit per token
                 bwd += one
                 fwd += 3 * allreduce_time(b * spec.seq_len * FP32_BYTES, tp, *tp_link)
+                if cfg.sequence_parallel:  # the head's input gathered along the sequence
+                    fwd += one / 2
         sent = math.prod(cfg.activation_shape) * d  # the sequence's part with sequence parallelism
         send = 0.0 if last else transfer_time(sent, *send_link)
         act = activation_bytes(
@@ -434,7 +481,6 @@ def stage_costs(
             cpu=cluster.device == "cpu",
         )
         evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
-        params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)
         updated = -(-params // cfg.dp) if cfg.distributed_optimizer else params  # its shard only
         tail = optimizer_time(cfg, cluster, updated, profile=profile)
         if cfg.dp > 1:

@@ -7,7 +7,7 @@ A transformer layer is the list of kernels Megatron-LM runs for it, each timed o
   g(M) * g(N) * g(K)` and `g(d) = d / (d + GEMM_HALF_DIM)`. `gemm_efficiency` is the device's
   best measured fraction of its datasheet peak (a cluster field); `g` is what a thin dimension
   costs (tile and wave quantisation, too few blocks to fill the device): a 128-wide dimension
-  (one attention head) reaches 2/3 of it, a 2,048-wide one 97 %.
+  (one attention head) reaches half of it, a 2,048-wide one 94 %.
 - **Memory-bound operations** (norms, activations, biases, dropout, residual adds, softmax,
   RoPE) from the bytes they move: element passes (one read or one write of every element) over a
   tensor of `tokens x width` elements, at `hbm_bandwidth * MEMORY_EFFICIENCY`. Each family's
@@ -28,10 +28,15 @@ from dataclasses import dataclass
 
 from autotune.config import ModelSpec
 
-# A thin GEMM dimension `d` scales the efficiency by d / (d + GEMM_HALF_DIM). cuBLAS picks
-# 128-256-wide tiles; a dimension much smaller than a few tiles leaves most of the device idle
-# or pads its last tile: half the efficiency is lost at a 64-wide dimension, a third at 128.
-GEMM_HALF_DIM = 64.0
+# A thin GEMM dimension `d` scales the efficiency by d / (d + GEMM_HALF_DIM). cuBLAS's 16-bit
+# tensor-core kernels on A100/H100 work in 128- to 256-wide output tiles with 32- to 64-deep
+# k-steps (NVIDIA, "Matrix Multiplication Background User's Guide", tile quantization and
+# 2.3 "Typical Tile Dimensions in cuBLAS"): a dimension one 128-wide tile long pads or idles
+# half of what a long one keeps busy, and a K of one tile does not amortise the k-loop's
+# prologue and epilogue. So half the efficiency at 128: 89 % at 1,024, 97 % at 4,096. (64, the
+# first value, was too kind to the thin dimensions of tp-split layers: with it the published
+# runs with small per-rank widths came out 9-11 % optimistic, the wide ones 1-5 %; README.)
+GEMM_HALF_DIM = 128.0
 # Fraction of the HBM bandwidth a streaming elementwise kernel reaches (A100/H100 copy and
 # elementwise kernels move ~80 % of the datasheet bandwidth, e.g. ~1.6 of 2.0 TB/s on A100).
 MEMORY_EFFICIENCY = 0.8
@@ -154,8 +159,13 @@ class Device:
     dtype_bytes: int
 
 
+def memory_time(nbytes: float, device: Device) -> float:
+    """Seconds a streaming memory-bound kernel takes to move `nbytes` (reads plus writes)."""
+    return nbytes / (device.hbm_bandwidth * MEMORY_EFFICIENCY)
+
+
 def _pass_time(passes: float, elements: float, bytes_per_element: float, device: Device) -> float:
-    return passes * elements * bytes_per_element / (device.hbm_bandwidth * MEMORY_EFFICIENCY)
+    return memory_time(passes * elements * bytes_per_element, device)
 
 
 def layer_times(

@@ -10,6 +10,7 @@ from autotune.config import KNOBS, TrialConfig
 from autotune.estimate.clusters import ClusterSpec
 from autotune.estimate.estimator import estimate_many
 from autotune.estimate.profiles import Profile
+from autotune.knobs import value_of
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ KNOB_FIELDS = KNOBS
 
 
 def knob_key(config: dict[str, Any]) -> tuple[Any, ...]:
-    """The knob values of a normalised config, in KNOB_FIELDS order."""
-    return tuple(config[k] for k in KNOB_FIELDS)
+    """The knob values of a normalised config (or of an Optuna trial's params), in KNOB_FIELDS
+    order; a knob it lacks (a later one, in an older record or a space without it) at its default."""
+    return tuple(value_of(config, k) for k in KNOB_FIELDS)
 
 
 def objective_of(result: dict[str, Any], objective: str) -> float | None:

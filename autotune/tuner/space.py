@@ -22,12 +22,14 @@ from autotune.config import KNOBS, MODEL_FIELDS, ModelSpec, TrialConfig, load_mo
 from autotune.errors import ConfigError, key_name
 from autotune.estimate.clusters import CPU_LOCAL, ClusterSpec, load_cluster
 from autotune.files import MAX_YAML_BYTES, load_yaml, read_text
+from autotune.knobs import BASE as BASE_KNOBS
+from autotune.knobs import KNOB
 from autotune.limits import MAX_COUNT, MAX_SECONDS, MAX_SPACE_COMBINATIONS, check_bound, check_space_cells
 
-DEFAULT_KNOBS: dict[str, tuple[Any, ...]] = {
-    "tp": (1,), "pp": (1,), "dp": (1,), "micro_batch_size": (1,),
-    "schedule": ("1f1b",), "recompute": ("none",), "flash_attention": (True,),
-}  # fmt: skip
+# A knob a space leaves out takes its default (autotune.knobs); the later knobs (sequence
+# parallelism, ...) are in a space's knobs, its normalised form and its Optuna study only where
+# the space lists them, so a space written before they existed keeps its study.
+DEFAULT_KNOBS: dict[str, tuple[Any, ...]] = {k: (KNOB[k].default,) for k in KNOBS}
 AUTO = "auto"
 OBJECTIVES = ("tokens_per_s", "mfu")
 TOP_KEYS = (
@@ -77,14 +79,20 @@ class SearchSpace:
         """Every combination of the knobs' choices (KNOBS order): valid configs, rejected ones."""
         valid: list[TrialConfig] = []
         rejected: list[Rejected] = []
-        for values in itertools.product(*(self.knobs[k] for k in KNOBS)):
-            knobs = dict(zip(KNOBS, values, strict=True))
+        names, seen = tuple(self.knobs), set[tuple[Any, ...]]()
+        for values in itertools.product(*(self.knobs[k] for k in names)):
+            knobs = dict(zip(names, values, strict=True))
             try:
-                valid.append(self._build(knobs))
+                cfg = self._build(knobs)
             except ConfigError as exc:
                 if exc.field != "knobs.dp":
                     knobs["dp"] = self._dp(knobs)
                 rejected.append(Rejected(knobs, exc.field, exc.rule))
+                continue
+            key = tuple(getattr(cfg, k) for k in KNOBS)  # a knob that is a no-op here (sequence
+            if key not in seen:  # parallelism at tp 1) normalises to a configuration listed once
+                seen.add(key)
+                valid.append(cfg)
         check_space_cells({(c.schedule, c.pp, c.num_microbatches) for c in valid})
         return valid, rejected
 
@@ -120,13 +128,11 @@ class SearchSpace:
         if self.max_world_size is not None and world > self.max_world_size:
             over = f"tp x pp x dp = {tp} x {pp} x {dp} = {world} devices, over max_world_size"
             raise ConfigError("max_world_size", f"{over} {self.max_world_size}")
-        cfg = TrialConfig(
-            model=self.model, tp=tp, pp=pp, dp=dp, micro_batch_size=knobs["micro_batch_size"],
-            global_batch_size=self.global_batch_size, schedule=knobs["schedule"],
-            recompute=knobs["recompute"], flash_attention=knobs["flash_attention"],
-            device=self.device, memory_limit=self.memory_limit,
+        chosen = {k: v for k, v in knobs.items() if k not in ("tp", "pp", "dp")}
+        return TrialConfig(
+            model=self.model, tp=tp, pp=pp, dp=dp, global_batch_size=self.global_batch_size,
+            device=self.device, memory_limit=self.memory_limit, **chosen,
         )  # fmt: skip
-        return cfg
 
 
 # -- parsers ----------------------------------------------------------------------------------
@@ -176,16 +182,7 @@ def _choice(name: str, value: Any, field: str) -> Any:
     """One knob choice, type-checked against the knob's allowed values."""
     if name == "dp" and not isinstance(value, int):
         raise ConfigError(field, f"must be a positive integer, a list of them, or auto, got {value!r}")
-    if name in ("tp", "pp", "dp", "micro_batch_size"):
-        return _int(value, field, bound=name)
-    if name == "flash_attention":
-        if not isinstance(value, bool):
-            raise ConfigError(field, f"must be true or false, got {value!r}")
-        return value
-    allowed = config.SCHEDULES if name == "schedule" else config.RECOMPUTE
-    if value not in allowed:
-        raise ConfigError(field, f"must be one of {', '.join(allowed)}, got {value!r}")
-    return value
+    return KNOB[name].check(value, field)
 
 
 def _choices(name: str, value: Any) -> tuple[Any, ...]:
@@ -318,10 +315,14 @@ def space_from_dict(data: Any, where: str) -> SearchSpace:
     if "global_batch_size" not in data:
         raise ConfigError("global_batch_size", "is required: sequences per optimizer step")
     knob_data = _mapping({} if data.get("knobs") is None else data["knobs"], "knobs", KNOBS)
-    knobs = {k: _choices(k, knob_data[k]) if k in knob_data else DEFAULT_KNOBS[k] for k in KNOBS}
+    knobs = {
+        k: _choices(k, knob_data[k]) if k in knob_data else DEFAULT_KNOBS[k]
+        for k in KNOBS
+        if k in knob_data or k in BASE_KNOBS
+    }
     combinations = math.prod(len(v) for v in knobs.values())
     if combinations > MAX_SPACE_COMBINATIONS:
-        sizes = " x ".join(str(len(knobs[k])) for k in KNOBS)
+        sizes = " x ".join(str(len(v)) for v in knobs.values())
         raise ConfigError(
             "knobs",
             f"{combinations:,} combinations of the knobs' choices ({sizes}), above autotune's bound of "

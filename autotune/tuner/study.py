@@ -36,18 +36,14 @@ def open_study(
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", sampler=sampler, load_if_exists=True
     )
-    distributions: dict[str, BaseDistribution] = {
-        k: CategoricalDistribution(list(knobs[k])) for k in KNOB_FIELDS
+    distributions: dict[str, BaseDistribution] = {  # the knobs the space lists, in KNOB_FIELDS order
+        k: CategoricalDistribution(list(knobs[k])) for k in KNOB_FIELDS if k in knobs
     }
     return study, distributions
 
 
 def params_of(key: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(KNOB_FIELDS, key, strict=True))
-
-
-def key_of(params: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(params[k] for k in KNOB_FIELDS)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, value: float | None, **attrs: Any) -> None:

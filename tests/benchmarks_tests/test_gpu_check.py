@@ -23,4 +23,12 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
         assert shard["tp"] == 2 and shard["measured_fwd_s"] > 0 and shard["predicted_fwd_s"] > 0
     assert len(report["paper_cases"]) == 4
     assert all(c.get("ours") and c.get("paper") or c.get("reason") for c in report["paper_cases"])
-    assert "BPipe (mbs 4)" in (tmp_path / "gpu-check-dry-run.log").read_text()
+    # the cases again from profiles measured here, one tp-2 shard of each model (issue 14, item 7)
+    assert set(report["profiles"]) == {"tiny-gpt", "tiny-llama"}
+    for name in report["profiles"].values():
+        profile = json.loads((tmp_path / name).read_text())
+        assert profile["tp"] == 2 and profile["dtype"] == "float32" and profile["entries"]
+    assert len(report["profiled_cases"]) == 4
+    assert all(c.get("ours") and c.get("paper") or c.get("reason") for c in report["profiled_cases"])
+    log = (tmp_path / "gpu-check-dry-run.log").read_text()
+    assert "BPipe vs the best 1F1B" in log and "from profiles measured here" in log

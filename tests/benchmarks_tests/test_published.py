@@ -7,23 +7,26 @@ from pathlib import Path
 
 from benchmarks import bench_published
 
-# The target is mean <= 5 %, max <= 10 % on the plain-1F1B rows; with the runs as they
-# were configured (the gradient all-reduce overlapped on the rows up to 18B) the model reaches
-# 10.2 % / 12.6 %, every row optimistic (README). This guards that figure against regressions
-# until the missing costs are found; it does not claim the target.
-MEAN_NOW, MAX_NOW = 0.11, 0.13
+# The target: mean |error| <= 5 %, max <= 10 % on the plain-1F1B rows, the runs as they
+# were configured (the gradient all-reduce overlapped on the rows up to 18B).
 
 
-def test_published_megatron_runs_are_predicted_within_the_current_bound(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_published_megatron_runs_are_predicted_within_the_target(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "published.json"
     assert bench_published.main(["--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert len(report["rows"]) == 10 and "mean |error|" in capsys.readouterr().out
-    plain = report["plain"]
-    assert plain["mean"] <= MEAN_NOW and plain["max"] <= MAX_NOW, plain
-    assert report["fits"], [r["id"] for r in report["rows"] if not r["fits"]]  # they ran on 80 GB
-    for row in report["rows"]:  # each measured figure is the file's, each prediction the estimator's
-        assert row["predicted_tflops"] > 0 and abs(row["error"]) < 0.25, row
+    sc21, held_out = json.loads(out.read_text())["sets"]
+    assert "mean |error|" in capsys.readouterr().out
+    assert (sc21["file"], len(sc21["rows"])) == ("megatron-sc21-table1.json", 10)
+    plain = sc21["plain"]
+    assert plain["mean"] <= bench_published.MEAN_TARGET and plain["max"] <= bench_published.MAX_TARGET, plain
+    # the 2022 runs (Korthikanti et al.), which the model was not built on: within the same target
+    # on their plain-1F1B rows; the interleaved ones, predicted as 1F1B, at most 10 % off
+    assert (held_out["file"], len(held_out["rows"])) == ("megatron-2205.05198.json", 8)
+    assert held_out["plain"]["mean"] <= 0.05 and held_out["plain"]["max"] <= 0.10, held_out["plain"]
+    for report in (sc21, held_out):
+        assert report["fits"], [r["id"] for r in report["rows"] if not r["fits"]]  # they ran on 80 GB
+        for row in report["rows"]:  # each measured figure is the file's, each prediction the estimator's
+            assert row["predicted_step_s"] > 0 and abs(row["error"]) < 0.10, row
 
 
 def test_bloom_176b_as_it_was_trained_is_accepted_and_fits() -> None:

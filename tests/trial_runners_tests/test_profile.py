@@ -283,3 +283,37 @@ def test_the_executor_times_each_action_by_kind_where_asked() -> None:
     assert set(times) == {Kind.F, Kind.B}
     assert len(times[Kind.F]) == len(times[Kind.B]) == 3 and all(t > 0 for t in times[Kind.F])
     assert loss > 0 and module.weight.grad is not None and module.bias.grad is not None
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_tp_shard_profile_in_bf16_times_one_ranks_parts(name) -> None:
+    """`--tp 2 --dtype bf16`: one rank's shard of every part (ShardShapes), recorded as the
+    profile's tp and dtype; its parts' bytes add up to the formula's per-rank bytes of a tp-2
+    bf16 stage, and an estimate at tp 2 takes its times as they are."""
+    from autotune.config import TrialConfig
+    from autotune.estimate.activations import activation_bytes
+    from autotune.estimate.clusters import load_cluster
+    from autotune.estimate.costs import stage_costs
+
+    spec = load_model(name)
+    data = run_profile(
+        spec, micro_batch_sizes=[1], threads=[1], flash=[True], recompute=["none", "full"], warmup=0,
+        repeats=1, comm=False, tp=2, dtype="bf16",
+    )  # fmt: skip
+    profile = parse_profile(data)
+    assert (profile.tp, profile.dtype) == (2, "bfloat16")
+    for recompute in ("none", "full"):
+        for stage in range(2):
+            predicted = profile.stage_activation_bytes(
+                layers=spec.num_layers // 2, first=stage == 0, last=stage == 1, micro_batch_size=1,
+                flash_attention=True, recompute=recompute,
+            )  # fmt: skip
+            formula = activation_bytes(
+                spec, stage=stage, num_stages=2, micro_batch_size=1, flash_attention=True,
+                recompute=recompute, tp=2, dtype_bytes=2, cpu=True,
+            )  # fmt: skip
+            assert predicted == formula, (name, recompute, stage)
+    cfg = TrialConfig(model=spec, tp=2, pp=2, num_microbatches=2, dtype="bf16")
+    layer = profile.lookup("layer", 1, True, "none", threads=1)
+    costs = stage_costs(cfg, load_cluster("cpu-local"), profile=profile)
+    assert costs[1].fwd >= spec.num_layers // 2 * layer.fwd_s  # the shard's time, not halved again
