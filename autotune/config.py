@@ -24,9 +24,12 @@ from autotune.knobs import DTYPE_BYTES as DTYPE_BYTES  # re-exported: the dtype 
 from autotune.knobs import RECOMPUTE as RECOMPUTE
 from autotune.knobs import SCHEDULES as SCHEDULES
 from autotune.limits import BOUNDS, MAX_BYTES, check_bound, check_cells
+from autotune.schedules.generators import default_cap
+from autotune.schedules.registry import BASELINES as BASELINES  # what BPipe is judged against
+from autotune.schedules.registry import SCHEDULE
 
 FAMILIES = ("gpt", "llama")
-BASELINES = tuple(s for s in SCHEDULES if s != "bpipe")  # what BPipe is judged against
+
 DEVICES = ("cpu", "cuda")
 TRIAL_DTYPES = ("fp32", "bf16")  # what trials train in (fp16 would need loss scaling)
 # What a search space searches over: a TrialConfig field each (a campaign's knob key, in order;
@@ -205,7 +208,7 @@ def parse_bytes(text: str | int, field_name: str = "--memory-limit") -> int:
 
 def check_bpipe_cap(cap: int, pp: int) -> None:
     """BPipe's cap (0 = default) must let a stage pair hold the pp+1 micro-batches 1F1B keeps."""
-    least = math.ceil((pp + 1) / 2)
+    least = default_cap(pp)  # the balance point is also the least a pair can live with
     if cap and cap < least:
         raise ConfigError(
             "--bpipe-cap",
@@ -216,28 +219,35 @@ def check_bpipe_cap(cap: int, pp: int) -> None:
 
 def check_schedule(schedule: str, pp: int, num_microbatches: int, bpipe_cap: int = 0) -> None:
     """The rules of a schedule for pp stages and m micro-batches (cap 0: the default), for every
-    command and the search spaces alike: a known name, m >= pp where the schedule needs it, a
-    grid small enough to simulate, BPipe only where it can evict (pp >= 3) and a cap only for it.
+    command and the search spaces alike, from its row of the schedule registry: a known name,
+    enough micro-batches, a grid small enough to simulate, a capped schedule (BPipe) only where
+    its cap makes it evict (pp >= 3) and a cap only for one.
     """
-    if schedule not in SCHEDULES:
+    spec = SCHEDULE.get(schedule)
+    if spec is None:
         raise ConfigError("--schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if schedule in ("1f1b", "bpipe") and num_microbatches < pp:
-        raise ConfigError(
-            "--num-microbatches",
-            f"{schedule} needs at least as many micro-batches as stages ({num_microbatches} < --pp {pp})",
-        )
+    few = spec.too_few(pp, num_microbatches)
+    if few:
+        least = spec.min_microbatches(pp)
+        bound = f"--pp {pp}" if least == pp else f"{least} for --pp {pp}"
+        raise ConfigError("--num-microbatches", f"{few} ({num_microbatches} < {bound})")
     check_cells(pp, num_microbatches)
-    if schedule != "bpipe":
+    if not spec.capped:
         if bpipe_cap:
-            raise ConfigError("--bpipe-cap", f"only applies to --schedule bpipe, not {schedule}")
+            capped = ", ".join(name for name, s in SCHEDULE.items() if s.capped)
+            raise ConfigError("--bpipe-cap", f"only applies to --schedule {capped}, not {schedule}")
         return
     check_bpipe_cap(bpipe_cap, pp)
-    cap = bpipe_cap or math.ceil((pp + 1) / 2)
+    cap = bpipe_cap or spec.default_cap(pp)
     if cap >= pp:
         why = f"its cap of {cap} micro-batches per stage is what 1F1B's stage 0 holds anyway ({pp})"
         raise ConfigError(
-            "--schedule", f"bpipe at --pp {pp} never evicts: {why}; use 1f1b (bpipe needs --pp >= 3)"
+            "--schedule",
+            f"{schedule} at --pp {pp} never evicts: {why}; use 1f1b ({schedule} needs --pp >= 3)",
         )
+
+
+_LAYOUT_KNOBS = ("tp", "pp", "dp", "micro_batch_size")
 
 
 @dataclass(frozen=True)
@@ -270,8 +280,8 @@ class TrialConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for knob in knobs.REGISTRY[:4]:  # tp, pp, dp, micro-batch first: the layout's checks use them
-            knob.check(getattr(self, knob.name))
+        for name in _LAYOUT_KNOBS:  # first: the checks of the others use them
+            knobs.KNOB[name].check(getattr(self, name))
         for name in ("num_microbatches", "global_batch_size", "bpipe_cap"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -282,8 +292,9 @@ class TrialConfig:
         check_bound("world_size", world, "--dp" if self.dp > 1 else "--tp" if self.tp > 1 else "--pp")
         if isinstance(self.stage_layers, list):
             object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
-        for knob in knobs.REGISTRY[4:]:
-            knob.check(getattr(self, knob.name))
+        for knob in knobs.REGISTRY:
+            if knob.name not in _LAYOUT_KNOBS:
+                knob.check(getattr(self, knob.name))
         self._check_choice("device", DEVICES)
         self._normalise_batch()
         self._check_layout()
@@ -361,8 +372,8 @@ class TrialConfig:
             raise ConfigError("--memory-limit", f"must be a positive number of bytes, got {limit!r}")
         if limit is not None and limit > MAX_BYTES:
             raise ConfigError("--memory-limit", f"at most {MAX_BYTES:,} bytes (1 PiB), got {limit:,}")
-        if self.schedule == "bpipe":
-            object.__setattr__(self, "bpipe_cap", self.bpipe_cap or math.ceil((p + 1) / 2))
+        if SCHEDULE[self.schedule].capped:
+            object.__setattr__(self, "bpipe_cap", self.bpipe_cap or SCHEDULE[self.schedule].default_cap(p))
 
     @property
     def world_size(self) -> int:

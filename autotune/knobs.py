@@ -1,5 +1,5 @@
-"""The knobs: one registry of the configuration fields a user turns (torch-free, no autotune
-imports but errors and limits).
+"""The knobs: one registry of the configuration fields a user turns (torch-free; the schedule
+knob's choices are the schedule registry's).
 
 Everything that lists knobs reads this table: the command line's flags (`add_flags`,
 `from_args`), `TrialConfig`'s checks of their values (`Knob.check`), the search-space schema
@@ -19,8 +19,8 @@ from typing import Any
 
 from autotune.errors import ConfigError
 from autotune.limits import BOUNDS, check_bound
+from autotune.schedules.registry import SCHEDULES
 
-SCHEDULES = ("1f1b", "gpipe", "bpipe")
 RECOMPUTE = ("none", "selective", "full")
 # Training dtypes and their bytes per element (16-bit ones: mixed precision, fp32 master weights)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autotune.config import TrialConfig
+from autotune.schedules.registry import SCHEDULE
 
 
 def pipeline_slot(stage: int, num_stages: int, *, folded: bool) -> int:
@@ -52,5 +53,5 @@ class Layout:
 
 
 def layout_of(cfg: TrialConfig) -> Layout:
-    """The layout a configuration runs with: folded under BPipe."""
-    return Layout(tp=cfg.tp, dp=cfg.dp, pp=cfg.pp, folded=cfg.schedule == "bpipe")
+    """The layout a configuration runs with: folded where its schedule pairs stages (BPipe)."""
+    return Layout(tp=cfg.tp, dp=cfg.dp, pp=cfg.pp, folded=SCHEDULE[cfg.schedule].folded)

@@ -14,7 +14,8 @@ below):
   the model was not built on.
 
 A run's own `overlap_grad_reduce`, `grad_accumulation_fusion`, `distributed_optimizer`,
-`sequence_parallel` and `dtype` say how it ran. Where absent: the SC21 rows (ids `sc21-`) as
+`sequence_parallel` and `dtype` say how it ran, and its `device` (a `devices.yaml` row, default
+a100-80g) or `cluster` (a preset or file) where. Where absent: the SC21 rows (ids `sc21-`) as
 that folder's README says (the all-reduce overlapped, torch DDP, on the rows up to 18B) and as
 their date implies (measured in early 2021, before Megatron-LM's gradient-accumulation fusion);
 other runs as Megatron-LM runs by default since 2022 (fusion on, no overlap). TFLOP/s are counted
@@ -97,7 +98,8 @@ def measured_step_s(run: dict[str, Any]) -> float:
 def predict(run: dict[str, Any]) -> dict[str, Any]:
     cfg = config_of(run)
     nodes = -(-run["gpus"] // DEVICES_PER_NODE)
-    cluster = load_cluster(f"a100-80g-{DEVICES_PER_NODE}x{nodes}")
+    device = run.get("device", "a100-80g")  # a devices.yaml row; both sets ran on A100-80GB
+    cluster = load_cluster(run.get("cluster") or f"{device}-{DEVICES_PER_NODE}x{nodes}")
     result = estimate(cfg, cluster)
     step, measured = result["step_time_s"], measured_step_s(run)
     peak = max(st["peak_memory_bytes"] for st in result["stages"])

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 echo "== ruff"; ruff check . && ruff format --check .
 echo "== mypy"; mypy
-echo "== pytest"; python -m pytest -q "$@"
+echo "== pytest"; python -m pytest -q --durations=15 "$@"

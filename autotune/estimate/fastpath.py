@@ -24,9 +24,9 @@ import numpy as np
 
 from autotune.estimate import schedule_cache
 from autotune.estimate.simulate import StageCosts, stage_transfers
-from autotune.schedules.generators import generate
 from autotune.schedules.ir import FAMILIES, Kind, Schedule, without_gc
 from autotune.schedules.memory import peak_candidates
+from autotune.schedules.registry import generate
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination)
 

@@ -32,6 +32,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 _SOURCES = (
     "schedules/ir.py",
     "schedules/generators.py",
+    "schedules/registry.py",
     "schedules/memory.py",
     "estimate/simulate.py",
     "estimate/fastpath.py",

@@ -12,9 +12,8 @@ import bisect
 import collections
 import functools
 import math
-from collections.abc import Callable
 
-from autotune.schedules.ir import Action, B, F, Kind, Program, Schedule, bpipe_partner, without_gc
+from autotune.schedules.ir import Action, B, F, Kind, Program, bpipe_partner
 from autotune.schedules.memory import peak_resident, release_points
 
 
@@ -241,49 +240,14 @@ def insert_communication(programs: list[Program]) -> list[Program]:
     return out
 
 
-ORDERS: dict[str, Callable[[int, int, int], Program]] = {
-    "gpipe": gpipe_order,
-    "1f1b": one_f_one_b_order,
-    "bpipe": one_f_one_b_order,
-}
-
-
 def default_cap(num_stages: int) -> int:
     """BPipe's balance point: a pair holds p+1 micro-batches under 1F1B, so each holds half."""
     return math.ceil((num_stages + 1) / 2)
 
 
-@without_gc
-def generate(name: str, num_stages: int, num_microbatches: int, *, cap: int | None = None) -> Schedule:
-    """The per-stage programs of schedule `name` for p stages and m micro-batches.
-
-    Raises ValueError for an unknown schedule or impossible sizes (the CLI validates earlier
-    and names the flag; this guards direct callers).
-    """
-    p, m = num_stages, num_microbatches
-    if name not in ORDERS:
-        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(ORDERS)}")
-    if p < 1 or m < 1:
-        raise ValueError(f"need at least one stage and one micro-batch, got p={p}, m={m}")
-    if name in ("1f1b", "bpipe") and m < p:
-        raise ValueError(f"{name} needs at least as many micro-batches as stages (m={m} < p={p})")
-    orders = [ORDERS[name](p, m, s) for s in range(p)]
-    partner: list[int | None] = [None] * p
-    if name == "bpipe":
-        cap = cap or default_cap(p)
-        orders, partner = _bpipe(orders, cap)
-    programs = insert_communication(orders)
-    return Schedule(
-        name=name,
-        num_stages=p,
-        num_microbatches=m,
-        programs=tuple(tuple(prog) for prog in programs),
-        partner=tuple(partner),
-        cap=cap,
-    )
-
-
-def _bpipe(orders: list[Program], cap: int) -> tuple[list[Program], list[int | None]]:
+def evict_to_partners(orders: list[Program], cap: int) -> tuple[list[Program], list[int | None]]:
+    """BPipe's pass over the compute orders: each stage x over `cap` resident micro-batches
+    evicts to its partner p-1-x and loads back before the backward; the partners by stage."""
     p = len(orders)
     ends = unit_timeline(orders)
     partner = [bpipe_partner(s, p) for s in range(p)]

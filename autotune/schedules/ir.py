@@ -94,7 +94,12 @@ class Semantics:
     stage next waits on its outgoing transfers. `waits_for`: the stage's own transfer actions of
     the same micro-batch whose transfer must be complete before it runs, where the stage posted
     one earlier (a forward waits for its input, a backward for its gradient and its load, an
-    eviction for its activation send, a return for its stash)."""
+    eviction for its activation send, a return for its stash).
+
+    The validator's structure rules: `once`, at most once per micro-batch on a stage (`exactly`:
+    once each, compute); `after`, the action of the same micro-batch that must come earlier on
+    the stage, and the rule broken otherwise; `posted`, the receive it needs posted earlier
+    where the stage has that peer, and what the receive is for."""
 
     family: str | None = None
     peer: Peer | None = None
@@ -102,22 +107,43 @@ class Semantics:
     held: tuple[int, int] = (0, 0)
     outgoing: tuple[int, int] = (0, 0)
     waits_for: tuple[Kind, ...] = ()
+    once: bool = False
+    exactly: bool = False
+    after: tuple[Kind, str] | None = None
+    posted: tuple[Kind, str] | None = None
 
 
 FAMILIES = ("act", "grad", "evict", "load")  # a transfer family's index: the executor's message tag
 
 SEMANTICS: dict[Kind, Semantics] = {
-    Kind.F: Semantics(held=(1, 0), waits_for=(Kind.RECV_F,)),
-    Kind.B: Semantics(held=(-1, 0), waits_for=(Kind.RECV_B, Kind.LOAD)),
-    Kind.SEND_F: Semantics("act", Peer.NEXT, sends=True),
-    Kind.RECV_F: Semantics("act", Peer.PREV),
-    Kind.SEND_B: Semantics("grad", Peer.PREV, sends=True),
-    Kind.RECV_B: Semantics("grad", Peer.NEXT),
-    Kind.EVICT: Semantics("evict", Peer.PARTNER, sends=True, outgoing=(1, 0), waits_for=(Kind.SEND_F,)),
+    Kind.F: Semantics(
+        held=(1, 0), waits_for=(Kind.RECV_F,), once=True, exactly=True, posted=(Kind.RECV_F, "its input")
+    ),
+    Kind.B: Semantics(
+        held=(-1, 0), waits_for=(Kind.RECV_B, Kind.LOAD), once=True, exactly=True,
+        after=(Kind.F, "a backward before its forward"), posted=(Kind.RECV_B, "its output gradient"),
+    ),
+    Kind.SEND_F: Semantics(
+        "act", Peer.NEXT, sends=True, once=True, after=(Kind.F, "sends an activation before computing it")
+    ),
+    Kind.RECV_F: Semantics("act", Peer.PREV, once=True),
+    Kind.SEND_B: Semantics(
+        "grad", Peer.PREV, sends=True, once=True, after=(Kind.B, "sends a gradient before computing it")
+    ),
+    Kind.RECV_B: Semantics("grad", Peer.NEXT, once=True),
+    Kind.EVICT: Semantics(
+        "evict", Peer.PARTNER, sends=True, outgoing=(1, 0), waits_for=(Kind.SEND_F,),
+        after=(Kind.F, "evicts activations before they exist"),
+    ),
     Kind.STASH: Semantics("evict", Peer.PARTNER, held=(0, 1)),
-    Kind.LOAD: Semantics("load", Peer.PARTNER, held=(1, 0)),
-    Kind.RESTORE: Semantics("load", Peer.PARTNER, sends=True, outgoing=(0, 1), waits_for=(Kind.STASH,)),
-}
+    Kind.LOAD: Semantics(
+        "load", Peer.PARTNER, held=(1, 0), after=(Kind.EVICT, "loads activations that were never evicted")
+    ),
+    Kind.RESTORE: Semantics(
+        "load", Peer.PARTNER, sends=True, outgoing=(0, 1), waits_for=(Kind.STASH,),
+        after=(Kind.STASH, "returns a stash it never received"),
+    ),
+}  # fmt: skip
 
 
 TRANSFER_KINDS = tuple(kind for kind, row in SEMANTICS.items() if row.family is not None)

@@ -25,18 +25,10 @@ from autotune.schedules.ir import (
 from autotune.schedules.memory import release_points, resident_trace
 from autotune.schedules.render import grid
 
-# Actions that happen once per micro-batch (evictions and loads may repeat).
-_ONCE = (Kind.F, Kind.B, Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B)
-
-# What must come earlier on the same stage, and the rule broken otherwise.
-_NEEDS_BEFORE = {
-    Kind.B: (Kind.F, "a backward before its forward"),
-    Kind.SEND_F: (Kind.F, "sends an activation before computing it"),
-    Kind.SEND_B: (Kind.B, "sends a gradient before computing it"),
-    Kind.EVICT: (Kind.F, "evicts activations before they exist"),
-    Kind.LOAD: (Kind.EVICT, "loads activations that were never evicted"),
-    Kind.RESTORE: (Kind.STASH, "returns a stash it never received"),
-}
+# The structure rules are the IR's (`Semantics.once`, `exactly`, `after`, `posted`); an action
+# that sends its own micro-batch away (an eviction) leaves it away until one brings it back (a
+# load), and one that consumes it (a backward) needs it resident.
+_EXACTLY = tuple(kind for kind, row in SEMANTICS.items() if row.exactly)
 
 
 class ScheduleError(ValueError):
@@ -79,7 +71,7 @@ def validate(schedule: Schedule) -> dict[int, int]:
 
 def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action]]) -> None:
     program = schedule.program(stage)
-    m, last_stage = schedule.num_microbatches, schedule.num_stages - 1
+    m = schedule.num_microbatches
     seen: set[Action] = set()
     away: set[int] = set()
     problem: str | None = None
@@ -92,30 +84,30 @@ def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action
         peers[paired] = None if at is None else (counts[at], counterpart(paired))
     for step, action in enumerate(program):
         kind, k = action
+        row = SEMANTICS[kind]
         if not 0 <= k < m:
             problem = f"micro-batch {k} is out of range 0..{m - 1}"
-        elif action in seen and kind in _ONCE:
+        elif action in seen and row.once:
             problem = f"{action} appears twice"
-        elif kind in _NEEDS_BEFORE and (_NEEDS_BEFORE[kind][0], k) not in seen:
-            problem = _NEEDS_BEFORE[kind][1]
-        elif kind is Kind.F and stage > 0 and (Kind.RECV_F, k) not in seen:
-            problem = f"forward without a posted receive RF{k} for its input"
-        elif kind is Kind.B and stage < last_stage and (Kind.RECV_B, k) not in seen:
-            problem = f"backward without a posted receive RB{k} for its output gradient"
-        elif kind is Kind.B and k in away:
+        elif row.after is not None and (row.after[0], k) not in seen:
+            problem = row.after[1]
+        elif row.posted is not None and peers[row.posted[0]] is not None and (row.posted[0], k) not in seen:
+            what = "forward" if kind is Kind.F else "backward"
+            problem = f"{what} without a posted receive {row.posted[0].value}{k} for {row.posted[1]}"
+        elif row.held[0] < 0 and k in away:
             problem = f"backward of micro-batch {k} while its activations are evicted (no LD{k})"
         if problem is not None:
             raise ScheduleError(f"stage {stage}, step {step} ({action}): {problem}", schedule, stage, step)
-        if kind is Kind.EVICT:
+        if row.outgoing[0] > 0:
             away.add(k)
-        elif kind is Kind.LOAD:
+        elif row.held[0] > 0 and row.family is not None:
             away.discard(k)
         if kind in peers and action not in seen:
             theirs = peers[kind]
             if theirs is None or theirs[0][Action(theirs[1], k)] != mine[action]:
                 _unmatched(schedule, stage, step, action, counts)
         seen.add(action)
-    for kind in (Kind.F, Kind.B):
+    for kind in _EXACTLY:
         for k in range(m):
             if mine[Action(kind, k)] != 1:
                 last = len(program) - 1

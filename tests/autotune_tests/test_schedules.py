@@ -494,3 +494,35 @@ def test_core_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_schedule_registry_is_what_every_rule_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row per schedule (autotune.schedules.registry): the knob's choices, the configuration's
+    micro-batch and cap rules, BPipe's baselines and the placement's folding all come from it."""
+    import dataclasses
+
+    from autotune import knobs
+    from autotune.config import BASELINES, TrialConfig, load_model
+    from autotune.errors import ConfigError
+    from autotune.placement import layout_of
+    from autotune.schedules import registry
+    from autotune.schedules.generators import default_cap
+
+    assert knobs.KNOB["schedule"].choices == registry.SCHEDULES == tuple(registry.SCHEDULE)
+    assert BASELINES == tuple(n for n, s in registry.SCHEDULE.items() if s.baseline) == ("1f1b", "gpipe")
+    model = load_model("tiny-gpt")
+    for name, spec in registry.SCHEDULE.items():
+        pp = 4
+        least = spec.min_microbatches(pp)
+        cfg = TrialConfig(model=model, pp=pp, num_microbatches=least, schedule=name)
+        assert cfg.bpipe_cap == spec.default_cap(pp) == (default_cap(pp) if spec.capped else 0)
+        assert layout_of(cfg).folded is spec.folded
+        validate(generate(name, pp, least, cap=cfg.bpipe_cap or None))
+        if least > 1:
+            with pytest.raises(ConfigError) as err:
+                TrialConfig(model=model, pp=pp, num_microbatches=least - 1, schedule=name)
+            assert err.value.field == "--num-microbatches" and name in err.value.rule
+    # the placement asks the row, not the name
+    folded_gpipe = dataclasses.replace(registry.SCHEDULE["gpipe"], folded=True)
+    monkeypatch.setitem(registry.SCHEDULE, "gpipe", folded_gpipe)
+    assert layout_of(TrialConfig(model=model, pp=4, schedule="gpipe")).folded

@@ -1,0 +1,112 @@
+"""The schedule registry: what each pipeline schedule is, one row each (torch-free).
+
+A row names the schedule's compute-order generator (each stage's forwards and backwards in
+order, before communication is inserted), the fewest micro-batches it runs for p stages, whether
+it caps the micro-batches a stage holds (and so evicts to a partner; its default cap), how the
+placement lays its stages out, and whether BPipe is judged against it. `generate`, the
+configuration's checks (`autotune.config.check_schedule`), the knob's choices, the placement and
+the advisor's baselines read it; none keeps a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from autotune.schedules.generators import (
+    default_cap,
+    evict_to_partners,
+    gpipe_order,
+    insert_communication,
+    one_f_one_b_order,
+)
+from autotune.schedules.ir import Program, Schedule, without_gc
+
+
+def _any(num_stages: int) -> int:
+    return 1
+
+
+def _one_per_stage(num_stages: int) -> int:
+    return num_stages
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One schedule. `order(p, m, stage)` is a stage's compute order; `min_microbatches(p)` the
+    fewest micro-batches it runs; `capped`: a stage holds at most `default_cap(p)` micro-batches
+    (or the configuration's cap) and evicts the rest to its partner p-1-x; `folded`: the
+    placement puts partners on neighbouring pipeline slots (one node where a pair fits in it);
+    `baseline`: a schedule BPipe is judged against."""
+
+    name: str
+    order: Callable[[int, int, int], Program]
+    summary: str
+    min_microbatches: Callable[[int], int] = _any
+    capped: bool = False
+    folded: bool = False
+    baseline: bool = True
+
+    def default_cap(self, num_stages: int) -> int:
+        """The per-stage cap where the configuration gives none (0 for an uncapped schedule)."""
+        return default_cap(num_stages) if self.capped else 0
+
+    def too_few(self, num_stages: int, num_microbatches: int) -> str | None:
+        """Why `num_microbatches` is too few for this schedule on `num_stages` stages (None: not)."""
+        least = self.min_microbatches(num_stages)
+        if num_microbatches >= least:
+            return None
+        if least == num_stages:
+            return f"{self.name} needs at least as many micro-batches as stages"
+        return f"{self.name} needs at least {least} micro-batches"
+
+
+SCHEDULE: dict[str, ScheduleSpec] = {
+    spec.name: spec
+    for spec in (
+        ScheduleSpec(
+            "1f1b", one_f_one_b_order, "one forward one backward (PipeDream-Flush, Megatron)",
+            min_microbatches=_one_per_stage,
+        ),
+        ScheduleSpec("gpipe", gpipe_order, "every forward, then every backward (GPipe)"),
+        ScheduleSpec(
+            "bpipe", one_f_one_b_order,
+            "1F1B with each stage capped at ceil((p+1)/2) micro-batches, the rest evicted to stage p-1-x",
+            min_microbatches=_one_per_stage, capped=True, folded=True, baseline=False,
+        ),
+    )
+}  # fmt: skip
+SCHEDULES = tuple(SCHEDULE)
+BASELINES = tuple(name for name, spec in SCHEDULE.items() if spec.baseline)  # what BPipe is judged against
+
+
+@without_gc
+def generate(name: str, num_stages: int, num_microbatches: int, *, cap: int | None = None) -> Schedule:
+    """The per-stage programs of schedule `name` for p stages and m micro-batches.
+
+    Raises ValueError for an unknown schedule or impossible sizes (the CLI validates earlier
+    and names the flag; this guards direct callers).
+    """
+    p, m = num_stages, num_microbatches
+    spec = SCHEDULE.get(name)
+    if spec is None:
+        raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULE)}")
+    if p < 1 or m < 1:
+        raise ValueError(f"need at least one stage and one micro-batch, got p={p}, m={m}")
+    few = spec.too_few(p, m)
+    if few:
+        raise ValueError(f"{few} (m={m} < {spec.min_microbatches(p)}, p={p})")
+    orders = [spec.order(p, m, s) for s in range(p)]
+    partner: list[int | None] = [None] * p
+    if spec.capped:
+        cap = cap or spec.default_cap(p)
+        orders, partner = evict_to_partners(orders, cap)
+    programs = insert_communication(orders)
+    return Schedule(
+        name=name,
+        num_stages=p,
+        num_microbatches=m,
+        programs=tuple(tuple(prog) for prog in programs),
+        partner=tuple(partner),
+        cap=cap,
+    )
