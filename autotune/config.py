@@ -23,6 +23,7 @@ from autotune.files import load_yaml, read_yaml
 from autotune.knobs import DTYPE_BYTES as DTYPE_BYTES  # re-exported: the dtype facts live there
 from autotune.knobs import RECOMPUTE as RECOMPUTE
 from autotune.knobs import SCHEDULES as SCHEDULES
+from autotune.knobs import flag as flag  # re-exported: the one rule for a field's flag
 from autotune.limits import BOUNDS, MAX_BYTES, check_bound, check_cells
 from autotune.schedules.generators import default_cap
 from autotune.schedules.registry import BASELINES as BASELINES  # what BPipe is judged against
@@ -46,11 +47,6 @@ MODEL_FIELDS = (
     "vocab_size",
     "ffn_hidden_size",
 )
-
-
-def flag(name: str) -> str:
-    """The CLI flag for a config field name (`micro_batch_size` -> `--micro-batch-size`)."""
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)

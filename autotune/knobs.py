@@ -26,6 +26,11 @@ RECOMPUTE = ("none", "selective", "full")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def flag(name: str) -> str:
+    """The CLI flag for a config field name (`micro_batch_size` -> `--micro-batch-size`)."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Knob:
     """One knob: a `TrialConfig` field of `kind` "count" (a positive integer), "choice" (one of
@@ -49,7 +54,7 @@ class Knob:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag(self.name)
 
     def check(self, value: Any, field: str | None = None) -> Any:
         """`value` if it is one this knob takes, else ConfigError naming `field` (its flag)."""

@@ -33,7 +33,6 @@ from autotune.placement import Layout, layout_of
 __all__ = [
     "activation_bytes",
     "allreduce_time",
-    "bytes_per_param",
     "default_placement",
     "head_flops",
     "layer_flops",
@@ -155,11 +154,6 @@ def embedding_params(spec: ModelSpec, *, tp: int) -> int:
     vocabulary, and gpt's position table, replicated."""
     table = spec.vocab_size * spec.hidden_size // tp
     return table + (spec.seq_len * spec.hidden_size if spec.family == "gpt" else 0)
-
-
-def bytes_per_param(cluster: ClusterSpec) -> int:
-    """Static bytes per parameter: 16 for fp32 training, 18 for bf16 mixed precision."""
-    return BYTES_PER_PARAM[cluster.dtype]
 
 
 # The part of BYTES_PER_PARAM that is optimizer state (fp32 master copy where there is one, and
