@@ -28,7 +28,7 @@ from autotune.config import (
     load_model,
     parse_bytes,
 )
-from autotune.errors import ConfigError, raise_on_sigterm, sigterm_received
+from autotune.errors import ConfigError, dump_stacks_on_sigusr1, raise_on_sigterm, sigterm_received
 from autotune.limits import MAX_CPU_RANKS_PER_CORE, MAX_PROFILE_SIZES, MAX_SECONDS, check_bound
 from autotune.redact import mask_secrets
 
@@ -398,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `autotune` command: parse, check (bad input: one line, exit 2), then work. Ctrl-C and
     SIGTERM stop it cleanly (what it started is stopped, `finally` blocks run): exit 130 / 143."""
     raise_on_sigterm()
+    dump_stacks_on_sigusr1()
     args = build_parser().parse_args(argv)
     try:
         work: Work = args.check(args)

@@ -51,3 +51,14 @@ def raise_on_sigterm() -> None:
         raise Terminated(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr and goes on (for a campaign that
+    seems stuck); elsewhere than the main thread it does nothing."""
+    import faulthandler
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)

@@ -68,6 +68,21 @@ def _reaped(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
+def _communicate_or_explain(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The campaign's output once it exits; if it has not within `timeout`, fail with what it
+    printed, every thread's stack (SIGUSR1: `autotune` dumps them) and its session's processes."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        alive = _session(proc.pid)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(3.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        lines = "\n".join(f"{pid} {cmd}" for pid, cmd in alive)
+        raise AssertionError(f"not exited {timeout:g} s after the signal\n{out}\nsession:\n{lines}") from None
+
+
 def _trials(url: str, study: str) -> list[TrialRecord]:
     if not Path(url.removeprefix("sqlite:///")).exists():
         return []
@@ -108,7 +123,7 @@ def _stop_mid_trial(
         else:
             proc.send_signal(sig)  # as `kill PID`
         start = time.monotonic()
-        out, _ = proc.communicate(timeout=120)
+        out = _communicate_or_explain(proc, timeout=120)
         assert proc.returncode == code, out
         assert time.monotonic() - start < 60, "stopping must not wait for the trial's own timeout"
         assert "*** SIG" not in out and "Traceback" not in out, out
