@@ -33,10 +33,17 @@ def _env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C's default disposition, as a terminal gives a command: a test suite run in the
+    background of a script inherits SIGINT ignored (POSIX shells ignore it in asynchronous
+    commands), and Python then leaves it ignored, as a campaign started so would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*TUNE, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
 
 
