@@ -171,18 +171,20 @@ def _check_trial(args: argparse.Namespace) -> Work:
 
 
 def _check_schedule(args: argparse.Namespace) -> Work:
-    for name in ("pp", "num_microbatches"):
+    for name in ("pp", "num_microbatches", "virtual_stages"):
         value = getattr(args, name)
         if value < 1:
             raise ConfigError(flag(name), f"must be a positive integer, got {value}")
         check_bound(name, value, flag(name))
     cap = _bpipe_cap(args)
-    check_schedule(args.schedule, args.pp, args.num_microbatches, cap)
+    check_schedule(args.schedule, args.pp, args.num_microbatches, cap, args.virtual_stages)
 
     def work() -> int:
         from autotune.schedules import generate, grid, to_text, validate
 
-        schedule = generate(args.schedule, args.pp, args.num_microbatches, cap=cap or None)
+        schedule = generate(
+            args.schedule, args.pp, args.num_microbatches, cap=cap or None, virtual_stages=args.virtual_stages
+        )
         peaks = validate(schedule)
         print(to_text(schedule) if args.text else grid(schedule.programs))
         if not args.text:
@@ -376,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--pp", type=int, default=4)
     sched.add_argument("--num-microbatches", type=int, default=8)
     sched.add_argument("--bpipe-cap", type=int, default=None)
+    knobs.KNOB["virtual_stages"].add_flag(sched)
     sched.add_argument(
         "--text", action="store_true", help="the round-trippable text form instead of the grid"
     )

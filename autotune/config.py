@@ -213,21 +213,32 @@ def check_bpipe_cap(cap: int, pp: int) -> None:
         )
 
 
-def check_schedule(schedule: str, pp: int, num_microbatches: int, bpipe_cap: int = 0) -> None:
-    """The rules of a schedule for pp stages and m micro-batches (cap 0: the default), for every
-    command and the search spaces alike, from its row of the schedule registry: a known name,
-    enough micro-batches, a grid small enough to simulate, a capped schedule (BPipe) only where
-    its cap makes it evict (pp >= 3) and a cap only for one.
+def check_schedule(
+    schedule: str, pp: int, num_microbatches: int, bpipe_cap: int = 0, virtual_stages: int = 1
+) -> None:
+    """The rules of a schedule for pp stages and m micro-batches (cap 0: the default; V model
+    chunks per rank), for every command and the search spaces alike, from its row of the
+    schedule registry: a known name, enough micro-batches (in multiples of pp where it says), V
+    chunks only for a schedule that runs several (at least 2 there), more than one stage for
+    those, a grid small enough to simulate, a capped schedule (BPipe) only where its cap makes it
+    evict (pp >= 3) and a cap only for one.
     """
     spec = SCHEDULE.get(schedule)
     if spec is None:
         raise ConfigError("--schedule", f"must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    bad = spec.bad_virtual_stages(virtual_stages)
+    if bad:
+        raise ConfigError("--virtual-stages", f"{bad}, got {virtual_stages}")
+    if spec.virtual and pp < 2:
+        raise ConfigError("--pp", f"{schedule} interleaves chunks over at least 2 stages, got {pp}")
     few = spec.too_few(pp, num_microbatches)
     if few:
         least = spec.min_microbatches(pp)
         bound = f"--pp {pp}" if least == pp else f"{least} for --pp {pp}"
+        if num_microbatches >= least:
+            raise ConfigError("--num-microbatches", f"{few} (--pp {pp}), got {num_microbatches}")
         raise ConfigError("--num-microbatches", f"{few} ({num_microbatches} < {bound})")
-    check_cells(pp, num_microbatches)
+    check_cells(pp * virtual_stages, num_microbatches)
     if not spec.capped:
         if bpipe_cap:
             capped = ", ".join(name for name, s in SCHEDULE.items() if s.capped)
@@ -267,6 +278,7 @@ class TrialConfig:
     device: str = "cpu"
     memory_limit: int | None = None
     bpipe_cap: int = 0
+    virtual_stages: int = 1  # model chunks per rank (the interleaved schedule's V)
     stage_layers: tuple[int, ...] = ()  # () = the default split (split_layers)
     distributed_optimizer: bool = False  # optimizer state sharded over dp (ZeRO-1)
     overlap_grad_reduce: bool = False  # the dp all-reduce in buckets during the last backward
@@ -362,7 +374,25 @@ class TrialConfig:
                 f"splits the sequence over the tp ranks: --tp must divide --seq-len "
                 f"({m.seq_len} % {self.tp} = {m.seq_len % self.tp})",
             )
-        check_schedule(self.schedule, p, self.num_microbatches, self.bpipe_cap)
+        check_schedule(self.schedule, p, self.num_microbatches, self.bpipe_cap, self.virtual_stages)
+        if SCHEDULE[self.schedule].splits_backward and self.recompute != "none":
+            raise ConfigError(
+                "--recompute",
+                f"{self.schedule} computes input and weight gradients apart, which recomputed "
+                f"(checkpointed) layers cannot; use --recompute none, got {self.recompute}",
+            )
+        if self.virtual_stages > 1:
+            stages = p * self.virtual_stages
+            if self.stage_layers:
+                raise ConfigError(
+                    "--stage-layers", f"cannot be given with --virtual-stages {self.virtual_stages}"
+                )
+            if m.num_layers % stages:
+                raise ConfigError(
+                    "--virtual-stages",
+                    f"cuts the model into pp x V = {p} x {self.virtual_stages} = {stages} equal chunks: "
+                    f"they must divide --num-layers ({m.num_layers} % {stages} = {m.num_layers % stages})",
+                )
         limit = self.memory_limit
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
             raise ConfigError("--memory-limit", f"must be a positive number of bytes, got {limit!r}")
@@ -389,8 +419,17 @@ class TrialConfig:
 
     @property
     def split(self) -> tuple[int, ...]:
-        """Layers per pipeline stage: `stage_layers`, else the default `split_layers`."""
+        """Layers per pipeline stage: `stage_layers`, else the default `split_layers`; with V model
+        chunks per rank, per virtual stage (p x V equal ones: rank s's chunk c is stage c p + s)."""
+        if self.virtual_stages > 1:
+            stages = self.pp * self.virtual_stages
+            return (self.model.num_layers // stages,) * stages
         return self.stage_layers or split_layers(self.model, self.pp)
+
+    @property
+    def num_model_stages(self) -> int:
+        """How many pieces the model is cut into: pp x V."""
+        return self.pp * self.virtual_stages
 
     @property
     def tokens_per_step(self) -> int:

@@ -141,6 +141,12 @@ REGISTRY: tuple[Knob, ...] = (
         searchable=True, later=True, label="sequence-parallel",
     ),
     Knob(
+        "virtual_stages", "count", 1,
+        "model chunks per pipeline rank for --schedule interleaved (Megatron's virtual pipeline "
+        "stages, V >= 2); default 1",
+        searchable=True, later=True, label="v={}",
+    ),
+    Knob(
         "dtype", "choice", "",
         "bf16, fp16 or fp32 (16-bit: mixed precision, fp32 master weights); default: the device's "
         "(trials: fp32 on a CPU, bf16 on a GPU; estimates: the cluster's)",

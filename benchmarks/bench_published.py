@@ -20,13 +20,13 @@ that folder's README says (the all-reduce overlapped, torch DDP, on the rows up 
 their date implies (measured in early 2021, before Megatron-LM's gradient-accumulation fusion);
 other runs as Megatron-LM runs by default since 2022 (fusion on, no overlap). TFLOP/s are counted
 with the SC21 paper's formula (its Eq. 3) on both sides, so the error is measured step / predicted
-step - 1. Rows with `virtual_stages` > 1 ran the interleaved schedule; they are predicted as plain
-1F1B, the closest schedule we have, and reported apart (the next issue adds interleaving).
+step - 1. Rows with `virtual_stages` > 1 ran the interleaved schedule and are predicted with it
+(`--schedule interleaved --virtual-stages V`); they are reported apart as well.
 
     python -m benchmarks.bench_published [--runs PATH ...] [--json PATH]
 
-Targets (the SC21 set): plain-1F1B rows mean |error| <= 5 %, max <= 10 %; every run predicted to
-fit 80 GB.
+Targets: the SC21 set's plain-1F1B rows mean |error| <= 5 %, max <= 10 %; the interleaved rows
+of both sets mean |error| <= 5 %; every run predicted to fit 80 GB.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def config_of(run: dict[str, Any]) -> TrialConfig:
         dp=run["dp"],
         micro_batch_size=run["micro_batch_size"],
         global_batch_size=run["global_batch_size"],
-        schedule="1f1b",
+        schedule="interleaved" if run["virtual_stages"] > 1 else "1f1b",
+        virtual_stages=run["virtual_stages"],
         recompute=run["recompute"],
         flash_attention=run["flash_attention"],
         device="cuda",
@@ -148,8 +149,9 @@ def report(path: Path) -> dict[str, Any]:
     print(f"plain 1F1B rows: mean |error| {plain['mean']:.1%}, max {plain['max']:.1%} "
           f"(target <= {MEAN_TARGET:.0%} / {MAX_TARGET:.0%}: {'met' if met else 'NOT met'})")  # fmt: skip
     if interleaved["count"]:
-        print(f"interleaved rows (predicted as plain 1F1B): mean |error| {interleaved['mean']:.1%}, "
-              f"max {interleaved['max']:.1%}")  # fmt: skip
+        met_v = interleaved["mean"] <= MEAN_TARGET
+        print(f"interleaved rows: mean |error| {interleaved['mean']:.1%}, max {interleaved['max']:.1%} "
+              f"(target mean <= {MEAN_TARGET:.0%}: {'met' if met_v else 'NOT met'})")  # fmt: skip
     print(f"every run predicted to fit: {'yes' if fits else 'NO'}")
     overlapped = [r["id"] for r in rows if r["overlap_grad_reduce"]]
     fused = [r["id"] for r in rows if r["grad_accumulation_fusion"]]
@@ -171,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows and the summaries here")
     args = parser.parse_args(argv)
     sets = [report(path) for path in args.runs or [DEFAULT_RUNS, HELD_OUT_RUNS]]
+    interleaved = summary([r for s in sets for r in s["rows"] if r["virtual_stages"] > 1])
+    if interleaved["count"]:
+        verdict = "met" if interleaved["mean"] <= MEAN_TARGET else "NOT met"
+        count, mean, most = int(interleaved["count"]), interleaved["mean"], interleaved["max"]
+        print(f"\nevery interleaved row ({count}): mean |error| {mean:.1%}, max {most:.1%} "
+              f"(target mean <= {MEAN_TARGET:.0%}: {verdict})")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"sets": sets}, indent=1))
+        args.json.write_text(json.dumps({"sets": sets, "interleaved": interleaved}, indent=1))
     return 0
 
 

@@ -1,6 +1,10 @@
-"""Our 1F1B interpreter against `torch.distributed.pipelining.Schedule1F1B` on the same stages.
+"""Our interpreter against `torch.distributed.pipelining`'s schedules on the same stages.
 
     python -m benchmarks.bench_vs_torch [--quick] [--hidden-size 256 --num-layers 8 ...]
+    python -m benchmarks.bench_vs_torch --schedule interleaved --virtual-stages 2
+
+1F1B against `Schedule1F1B`; interleaved 1F1B (V model chunks per rank, stage g = c * 2 + rank)
+against `ScheduleInterleaved1F1B`.
 
 Two ranks (pp=2, gloo, one OMP thread each) build the same `trial_runners.models.build_stage`
 modules once and run both implementations on them, alternating (ours, torch, torch, ours, ...)
@@ -31,7 +35,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.stage import _PipelineStageBase
 
 from autotune.config import load_model
 from autotune.schedules import generate
@@ -54,6 +59,8 @@ class Setup:
     reps: int
     steps: int  # measured steps per implementation per repetition
     warmup: int
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
 
 
 class _LogitsStage(nn.Module):
@@ -97,7 +104,13 @@ def _bench(rank: int, setup: Setup) -> None:
     )
     m, B, T, H = setup.num_microbatches, setup.micro_batch_size, spec.seq_len, spec.hidden_size
     device = torch.device("cpu")
-    module = build_stage(spec, stage=rank, num_stages=2, flash_attention=True, recompute="none")
+    v = setup.virtual_stages
+    n = 2 * v  # model stages: this rank's chunk c is stage c * 2 + rank
+    stages = [c * 2 + rank for c in range(v)]
+    chunks = [
+        build_stage(spec, stage=g, num_stages=n, flash_attention=True, recompute="none") for g in stages
+    ]
+    module = chunks[0] if v == 1 else nn.ModuleList(chunks)
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, spec.vocab_size, (m * B, T + 1), generator=g)  # (m*B, T+1)
     tokens, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (m*B, T) each
@@ -105,11 +118,15 @@ def _bench(rank: int, setup: Setup) -> None:
 
     ours = StageExecutor(
         module,
-        generate("1f1b", 2, m).program(rank),
+        generate(setup.schedule, 2, m, virtual_stages=v).program(rank),
         cap=None,
-        first=rank == 0,
-        last=rank == 1,
-        links=StageLinks(prev=0 if rank == 1 else None, next=1 if rank == 0 else None, partner=None),
+        stages=stages,
+        num_model_stages=n,
+        links=StageLinks(
+            prev=1 - rank if rank == 1 or v > 1 else None,
+            next=1 - rank if rank == 0 or v > 1 else None,
+            partner=None,
+        ),
         activation_shape=(B, T, H),
         dtype=torch.float32,
         device=device,
@@ -117,17 +134,22 @@ def _bench(rank: int, setup: Setup) -> None:
         loss_scale=1.0 / m,
     )
     # Static metadata; requires_grad marks which outputs receive (and inputs send) gradients.
-    example_x = tokens[:B] if rank == 0 else torch.zeros(B, T, H, requires_grad=True)
-    example_out = torch.zeros(B, T, H if rank == 0 else spec.vocab_size, requires_grad=True)
-    stage = PipelineStage(
-        module if rank == 0 else _LogitsStage(module),
-        rank,
-        2,
-        device,
-        input_args=example_x,
-        output_args=example_out,
-    )
-    theirs = Schedule1F1B(stage, m, loss_fn=_loss_fn(1.0 / m), scale_grads=False)
+    torch_stages: list[_PipelineStageBase] = []
+    for index, chunk in zip(stages, chunks, strict=True):
+        last = index == n - 1
+        example_x = tokens[:B] if index == 0 else torch.zeros(B, T, H, requires_grad=True)
+        example_out = torch.zeros(B, T, spec.vocab_size if last else H, requires_grad=True)
+        torch_stages.append(
+            PipelineStage(
+                _LogitsStage(chunk) if last else chunk, index, n, device, input_args=example_x,
+                output_args=example_out,
+            )
+        )  # fmt: skip
+    theirs: Schedule1F1B | ScheduleInterleaved1F1B
+    if v == 1:
+        theirs = Schedule1F1B(torch_stages[0], m, loss_fn=_loss_fn(1.0 / m), scale_grads=False)
+    else:
+        theirs = ScheduleInterleaved1F1B(torch_stages, m, loss_fn=_loss_fn(1.0 / m), scale_grads=False)
 
     def step(impl: str) -> float:
         """One step; returns the loss (summed scaled micro-batch losses) on the last rank."""
@@ -171,7 +193,8 @@ def _report(setup: Setup, params: int, times: dict[str, list[float]], loss: dict
     s = setup
     print(
         f"model {s.model} hidden {s.hidden_size} layers {s.num_layers} seq {s.seq_len} ({params / 1e6:.1f}M "
-        f"params); pp=2 on gloo, 1 thread per rank; micro-batch {s.micro_batch_size} x {s.num_microbatches}"
+        f"params); pp=2 on gloo, 1 thread per rank; micro-batch {s.micro_batch_size} x {s.num_microbatches}; "
+        f"{s.schedule}" + (f", {s.virtual_stages} chunks per rank" if s.virtual_stages > 1 else "")
     )
     print(
         f"{s.reps} repetitions x {s.steps} steps per implementation, alternating; step = slowest rank, "
@@ -215,6 +238,10 @@ def parse_args(argv: list[str] | None = None) -> Setup:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--num-microbatches", type=int, default=8)
+    p.add_argument("--schedule", default="1f1b", choices=("1f1b", "interleaved"))
+    p.add_argument(
+        "--virtual-stages", type=int, default=None, help="chunks per rank (interleaved: default 2)"
+    )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 20, 3 with --quick)")
     p.add_argument(
         "--steps", type=int, default=None, help="steps per implementation per repetition (default 5, 3 quick)"
@@ -230,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         reps=a.reps or (3 if a.quick else 20),
         steps=a.steps or (3 if a.quick else 5),
         warmup=2,
+        schedule=a.schedule,
+        virtual_stages=a.virtual_stages or (2 if a.schedule == "interleaved" else 1),
     )
 
 

@@ -1,11 +1,14 @@
 """The one interpreter that runs any schedule's program on torch.distributed.
 
 Each rank runs its pipeline stage's program (a list of `autotune.schedules.Action`) for one
-training step. Point-to-point transfers are asynchronous (`isend` / `irecv`): a receive is
-posted where the program says and waited on just before its data is used; sends are waited on
-at the end of the step, or, for BPipe's bulk transfers (EV, RS), before the stage's next
-allocating action that needs their room under the cap (see `autotune.schedules.memory`),
-which is when their memory is released.
+training step, over one model chunk, or several (the interleaved schedule: chunk c of the rank
+is model stage `stages[c]`; an action names its chunk).
+
+Point-to-point transfers are asynchronous (`isend` / `irecv`): a receive is posted where the
+program says and waited on just before its data is used; sends are waited on at the end of the
+step, or, for BPipe's bulk transfers (EV, RS), before the stage's next allocating action that
+needs their room under the cap (see `autotune.schedules.memory`), which is when their memory is
+released.
 
 `action_times`, where given, collects each action's thread time by kind (the profile measures the
 cost of posting a transfer through these very handlers: `trial_runners.comm_profile`).
@@ -24,18 +27,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining._backward import stage_backward_input
 
-from autotune.schedules.ir import FAMILIES, SEMANTICS, Action, Kind
+from autotune.schedules.ir import FAMILIES, SEMANTICS, Action, Kind, taken_over
 from autotune.schedules.memory import release_points
 from autotune.timeline import span_kind
 from trial_runners.memory import ActivationTracker
 
-# Tags keep the messages between one pair of ranks apart within a step: one per transfer family.
-_TAG = {kind: FAMILIES.index(row.family) for kind, row in SEMANTICS.items() if row.family is not None}
+# Tags keep the messages between one pair of ranks apart within a step: one per transfer family,
+# micro-batch and boundary between model stages (j: between stages j and j + 1).
+_FAMILY = {kind: FAMILIES.index(row.family) for kind, row in SEMANTICS.items() if row.family is not None}
+# the boundary a pipeline transfer crosses, from this end's stage g: a send forward or a receive of
+# a gradient is g's own boundary, a receive forward or a send back the one before (BPipe's pair
+# transfers: 0, as each pair has one link of its own)
+_BOUNDARY = {Kind.SEND_F: 0, Kind.RECV_B: 0, Kind.RECV_F: -1, Kind.SEND_B: -1}
 
 
-def _tag(kind: Kind, mb: int) -> int:
-    return mb * len(FAMILIES) + _TAG[kind]
+def _tag(kind: Kind, mb: int, stage: int, num_model_stages: int) -> int:
+    boundary = stage + _BOUNDARY[kind] if kind in _BOUNDARY else 0
+    return (mb * num_model_stages + boundary) * len(FAMILIES) + _FAMILY[kind]
 
 
 @dataclass(frozen=True)
@@ -61,16 +71,24 @@ class _Once:
             self.work = None
 
 
+Key = tuple[int, int]  # (micro-batch, chunk)
+
+
 @dataclass
 class _StepState:
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    recv_f: dict[int, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
-    recv_b: dict[int, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
-    send_f: dict[int, _Once] = field(default_factory=dict)
+    inputs: dict[Key, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[Key, torch.Tensor] = field(default_factory=dict)
+    recv_f: dict[Key, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
+    recv_b: dict[Key, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
+    send_f: dict[Key, _Once] = field(default_factory=dict)
     sends: list[_Once] = field(default_factory=list)
-    loads: dict[int, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
-    stashes: dict[int, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
+    loads: dict[Key, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
+    stashes: dict[Key, tuple[torch.Tensor, _Once]] = field(default_factory=dict)
+    # what a split backward leaves its W: the weight gradients' inputs (torch's param groups);
+    # None on the first stage, whose W runs the whole backward (it has no input gradient to send)
+    weights: dict[Key, tuple[torch.Tensor, torch.Tensor | None, list[dict] | None]] = field(
+        default_factory=dict
+    )
     # Outgoing bulk transfers whose memory is released at the next allocating action.
     outgoing: list[tuple[_Once, Callable[[], None]]] = field(default_factory=list)
     loss: float = 0.0
@@ -85,10 +103,12 @@ class _StepState:
 class StageExecutor:
     """Runs one stage's program for a step: compute, transfers, eviction, accounting.
 
-    `forward(x, targets)` is the stage module's forward. `inputs_for(mb)` gives the stage-0
-    tokens and the last stage's targets of micro-batch `mb`. The loss of each micro-batch is
-    scaled by `loss_scale` before backward (1 / (micro-batches x data-parallel replicas)), so
-    gradients summed over micro-batches and replicas are those of the global-batch mean.
+    `module` is the rank's stage (`module(x, targets)`), or a ModuleList of its chunks, chunk c
+    being model stage `stages[c]` of `num_model_stages` (the first takes tokens, the last gives
+    the loss). `batch(mb)` gives the tokens and targets of micro-batch `mb`. The loss of each
+    micro-batch is scaled by `loss_scale` before backward (1 / (micro-batches x data-parallel
+    replicas)), so gradients summed over micro-batches and replicas are those of the global-batch
+    mean.
     """
 
     def __init__(
@@ -97,8 +117,8 @@ class StageExecutor:
         program: Sequence[Action],
         *,
         cap: int | None,
-        first: bool,
-        last: bool,
+        stages: Sequence[int],
+        num_model_stages: int,
         links: StageLinks,
         activation_shape: tuple[int, ...],
         dtype: torch.dtype,
@@ -108,9 +128,15 @@ class StageExecutor:
         action_times: dict[Kind, list[float]] | None = None,
     ) -> None:
         self.module = module
+        self.chunks = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        if len(self.chunks) != len(stages):
+            raise ValueError(f"{len(self.chunks)} model chunks for {len(stages)} stages")
+        self.stages, self.num_model_stages = tuple(stages), num_model_stages
+        self.firsts = [g == 0 for g in stages]
+        self.lasts = [g == num_model_stages - 1 for g in stages]
         self.program = list(program)
         self.releases = release_points(self.program, cap)
-        self.first, self.last = first, last
+        self.split = taken_over(self.program)  # backwards whose weight gradients a W computes
         self.links = links
         self.activation_shape = activation_shape
         self.dtype, self.device = dtype, device
@@ -133,10 +159,10 @@ class StageExecutor:
             if release:
                 self._release_outgoing(st)
             if self.action_times is None and st.spans is None:
-                self._HANDLERS[action.kind](self, st, action.mb, batch)
+                self._HANDLERS[action.kind](self, st, action, batch)
                 continue
             start = time.perf_counter()
-            self._HANDLERS[action.kind](self, st, action.mb, batch)
+            self._HANDLERS[action.kind](self, st, action, batch)
             end = time.perf_counter()
             if self.action_times is not None:
                 self.action_times.setdefault(action.kind, []).append(end - start)
@@ -165,92 +191,125 @@ class StageExecutor:
             label = "wait " + (str(st.action) if st.action is not None else "sends")
             st.spans.append((label, start - st.origin, end - st.origin, "wait"))
 
+    def _tag(self, action: Action) -> int:
+        return _tag(action.kind, action.mb, self.stages[action.chunk], self.num_model_stages)
+
     # -- compute ------------------------------------------------------------------------------
-    def _forward(self, st: _StepState, mb: int, batch: Callable) -> None:
+    def _forward(self, st: _StepState, action: Action, batch: Callable) -> None:
+        mb, c = action.mb, action.chunk
+        key = (mb, c)
+        first, last = self.firsts[c], self.lasts[c]
         tokens, targets = batch(mb)
-        if self.first:
+        if first:
             x = tokens
         else:
-            buf, work = st.recv_f.pop(mb)
+            buf, work = st.recv_f.pop(key)
             self._wait(st, work)
             x = buf.requires_grad_()
-        with self.tracker.capture(mb):
-            out = self.module(x, targets if self.last else None)
-        st.inputs[mb] = x
-        st.outputs[mb] = out
-        if self.last:
+        with self.tracker.capture(key):
+            out = self.chunks[c](x, targets if last else None)
+        st.inputs[key] = x
+        st.outputs[key] = out
+        if last:
             st.loss += float(out.detach()) * self.loss_scale
 
-    def _backward(self, st: _StepState, mb: int, batch: Callable) -> None:
-        if mb in st.loads:
-            flat, work = st.loads.pop(mb)
+    def _backward(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
+        if key in st.loads:
+            flat, work = st.loads.pop(key)
             self._wait(st, work)
-            self.tracker.drop(("load", mb))
-            self.tracker.unpack(mb, flat)
-        out = st.outputs.pop(mb)
-        if self.last:
-            torch.autograd.backward(out * self.loss_scale)
+            self.tracker.drop(("load", key))
+            self.tracker.unpack(key, flat)
+        out = st.outputs.pop(key)
+        grad = None
+        if self.lasts[action.chunk]:
+            out = out * self.loss_scale
         else:
-            grad, work = st.recv_b.pop(mb)
+            grad, work = st.recv_b.pop(key)
             self._wait(st, work)
-            torch.autograd.backward(out, grad)
-        self.tracker.release(mb)
-        if self.first:
-            del st.inputs[mb]  # other stages keep it: SB sends its .grad
+        if action in self.split:
+            self._input_gradient(st, action, out, grad)
+            return
+        torch.autograd.backward(out, grad)
+        self.tracker.release(key)
+        if self.firsts[action.chunk]:
+            del st.inputs[key]  # other stages keep it: SB sends its .grad
+
+    def _input_gradient(
+        self, st: _StepState, action: Action, out: torch.Tensor, grad: torch.Tensor | None
+    ) -> None:
+        """B of a split backward: the input's gradient only (torch.distributed.pipelining's
+        `stage_backward_input`), the graph kept for the weight gradients of its W."""
+        key, chunk = (action.mb, action.chunk), self.chunks[action.chunk]
+        if self.firsts[action.chunk]:  # nothing to send back: W runs the whole backward
+            del st.inputs[key]
+            st.weights[key] = (out, grad, None)
+            return
+        x = st.inputs[key]
+        dx, groups = stage_backward_input([out], None if grad is None else [grad], [x], chunk.parameters())
+        x.grad = dx[0]
+        st.weights[key] = (out, grad, groups)
 
     # -- pipeline transfers --------------------------------------------------------------------
-    def _recv_f(self, st: _StepState, mb: int, batch: Callable) -> None:
+    def _recv_f(self, st: _StepState, action: Action, batch: Callable) -> None:
         buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-        st.recv_f[mb] = (buf, _Once(dist.irecv(buf, self.links.prev, tag=_tag(Kind.RECV_F, mb))))
+        work = _Once(dist.irecv(buf, self.links.prev, tag=self._tag(action)))
+        st.recv_f[action.mb, action.chunk] = (buf, work)
 
-    def _send_f(self, st: _StepState, mb: int, batch: Callable) -> None:
-        work = _Once(dist.isend(st.outputs[mb].detach(), self.links.next, tag=_tag(Kind.SEND_F, mb)))
-        st.send_f[mb] = work
+    def _send_f(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
+        work = _Once(dist.isend(st.outputs[key].detach(), self.links.next, tag=self._tag(action)))
+        st.send_f[key] = work
         st.sends.append(work)
 
-    def _recv_b(self, st: _StepState, mb: int, batch: Callable) -> None:
+    def _recv_b(self, st: _StepState, action: Action, batch: Callable) -> None:
         buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-        st.recv_b[mb] = (buf, _Once(dist.irecv(buf, self.links.next, tag=_tag(Kind.RECV_B, mb))))
+        work = _Once(dist.irecv(buf, self.links.next, tag=self._tag(action)))
+        st.recv_b[action.mb, action.chunk] = (buf, work)
 
-    def _send_b(self, st: _StepState, mb: int, batch: Callable) -> None:
-        x = st.inputs.pop(mb)
+    def _send_b(self, st: _StepState, action: Action, batch: Callable) -> None:
+        x = st.inputs.pop((action.mb, action.chunk))
         assert x.grad is not None
-        st.sends.append(_Once(dist.isend(x.grad, self.links.prev, tag=_tag(Kind.SEND_B, mb))))
+        st.sends.append(_Once(dist.isend(x.grad, self.links.prev, tag=self._tag(action))))
 
     # -- BPipe ---------------------------------------------------------------------------------
-    def _evict(self, st: _StepState, mb: int, batch: Callable) -> None:
-        send_f = st.send_f.get(mb)
+    def _evict(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
+        send_f = st.send_f.get(key)
         if send_f is not None:
             self._wait(st, send_f)  # the activation sent downstream may share these storages
-        flat = self.tracker.pack(mb)
+        flat = self.tracker.pack(key)
         if flat.numel() != self.links.partner_mb_bytes:
             raise RuntimeError(
-                f"micro-batch {mb} saved {flat.numel()} bytes but the partner was told "
+                f"micro-batch {action.mb} saved {flat.numel()} bytes but the partner was told "
                 f"{self.links.partner_mb_bytes}: micro-batches of one stage must be alike"
             )
-        self.tracker.free_storages(mb)
-        key = ("evict", mb)
-        self.tracker.hold(key, flat.numel())  # counted until the transfer is waited on
-        work = _Once(dist.isend(flat, self.links.partner, tag=_tag(Kind.EVICT, mb)))
+        self.tracker.free_storages(key)
+        held = ("evict", key)
+        self.tracker.hold(held, flat.numel())  # counted until the transfer is waited on
+        work = _Once(dist.isend(flat, self.links.partner, tag=self._tag(action)))
         st.evicted_bytes += flat.numel()
-        st.outgoing.append((work, lambda: self.tracker.drop(key)))
+        st.outgoing.append((work, lambda: self.tracker.drop(held)))
 
-    def _load(self, st: _StepState, mb: int, batch: Callable) -> None:
+    def _load(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
         flat = torch.empty(self.links.partner_mb_bytes, dtype=torch.uint8, device=self.device)
-        self.tracker.hold(("load", mb), flat.numel())
-        st.loads[mb] = (flat, _Once(dist.irecv(flat, self.links.partner, tag=_tag(Kind.LOAD, mb))))
+        self.tracker.hold(("load", key), flat.numel())
+        st.loads[key] = (flat, _Once(dist.irecv(flat, self.links.partner, tag=self._tag(action))))
 
-    def _stash(self, st: _StepState, mb: int, batch: Callable) -> None:
+    def _stash(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
         buf = torch.empty(self.links.partner_mb_bytes, dtype=torch.uint8, device=self.device)
-        self.tracker.hold(("stash", mb), buf.numel())
-        st.stashes[mb] = (buf, _Once(dist.irecv(buf, self.links.partner, tag=_tag(Kind.STASH, mb))))
+        self.tracker.hold(("stash", key), buf.numel())
+        st.stashes[key] = (buf, _Once(dist.irecv(buf, self.links.partner, tag=self._tag(action))))
 
-    def _restore(self, st: _StepState, mb: int, batch: Callable) -> None:
-        buf, work = st.stashes.pop(mb)
+    def _restore(self, st: _StepState, action: Action, batch: Callable) -> None:
+        key = (action.mb, action.chunk)
+        buf, work = st.stashes.pop(key)
         self._wait(st, work)
-        send = _Once(dist.isend(buf, self.links.partner, tag=_tag(Kind.RESTORE, mb)))
-        key = ("stash", mb)
-        st.outgoing.append((send, lambda: self.tracker.drop(key)))
+        send = _Once(dist.isend(buf, self.links.partner, tag=self._tag(action)))
+        held = ("stash", key)
+        st.outgoing.append((send, lambda: self.tracker.drop(held)))
 
     def _release_outgoing(self, st: _StepState) -> None:
         for work, release in st.outgoing:

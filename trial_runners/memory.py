@@ -11,7 +11,7 @@ tensor and graph node that refers to them stays valid); loading restores them in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import torch
 
@@ -37,9 +37,10 @@ class ActivationTracker:
         self.excluded = excluded
         self.static_bytes = static_bytes
         self.limit = limit
-        # mb -> {data_ptr at capture time: (storage, its size in bytes)}
-        self.storages: dict[int, dict[int, tuple[torch.UntypedStorage, int]]] = {}
-        self.sizes: dict[int, int] = {}
+        # micro-batch (any key: the executor's is (micro-batch, chunk)) -> {data_ptr at capture
+        # time: (storage, its size in bytes)}
+        self.storages: dict[Hashable, dict[int, tuple[torch.UntypedStorage, int]]] = {}
+        self.sizes: dict[Hashable, int] = {}
         self.extra: dict[object, int] = {}  # buffers not owned by a micro-batch (stashes, loads)
         self.live = 0
         self.peak = 0
@@ -62,7 +63,7 @@ class ActivationTracker:
             )
 
     @contextlib.contextmanager
-    def capture(self, mb: int) -> Iterator[None]:
+    def capture(self, mb: Hashable) -> Iterator[None]:
         """Attribute every tensor saved for backward inside the block to micro-batch `mb`."""
         owned = self.storages.setdefault(mb, {})
 
@@ -78,7 +79,7 @@ class ActivationTracker:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
 
-    def release(self, mb: int) -> None:
+    def release(self, mb: Hashable) -> None:
         """The micro-batch's backward is done: its saved tensors are gone."""
         self.storages.pop(mb, None)
         self._add(-self.sizes.pop(mb, 0))
@@ -92,7 +93,7 @@ class ActivationTracker:
         self._add(-self.extra.pop(key))
 
     # -- eviction ---------------------------------------------------------------------------
-    def pack(self, mb: int) -> torch.Tensor:
+    def pack(self, mb: Hashable) -> torch.Tensor:
         """Copy micro-batch `mb`'s saved storages into one contiguous byte buffer."""
         entries = list(self.storages[mb].values())
         device = entries[0][0].device if entries else torch.device("cpu")
@@ -103,13 +104,13 @@ class ActivationTracker:
             offset += n
         return flat
 
-    def free_storages(self, mb: int) -> None:
+    def free_storages(self, mb: Hashable) -> None:
         """Free the evicted micro-batch's storages in place and stop counting them."""
         for storage, _ in self.storages[mb].values():
             storage.resize_(0)
         self._add(-self.sizes.get(mb, 0))
 
-    def unpack(self, mb: int, flat: torch.Tensor) -> None:
+    def unpack(self, mb: Hashable, flat: torch.Tensor) -> None:
         """Restore micro-batch `mb`'s storages from a buffer made by `pack`."""
         offset = 0
         for storage, n in self.storages[mb].values():

@@ -127,33 +127,44 @@ def run_one(run: dict[str, Any], rank: int, out_dir: Path, run_index: int) -> No
         torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     )
     tp_group, dp_group = _groups(cfg, me)
-    module = build_stage(
-        cfg.model,
-        stage=me.pp,
-        num_stages=cfg.pp,
-        flash_attention=cfg.flash_attention,
-        recompute=cfg.recompute,
-        tp_group=tp_group,
-        seed=run.get("seed", 0),
-        device=device,
-        dtype=torch_dtype(cfg),
-        split=cfg.split,
-        sequence_parallel=cfg.sequence_parallel,
+    stages = [c * cfg.pp + me.pp for c in range(cfg.virtual_stages)]  # this rank's model stages
+    chunks = [
+        build_stage(
+            cfg.model,
+            stage=g,
+            num_stages=cfg.num_model_stages,
+            flash_attention=cfg.flash_attention,
+            recompute=cfg.recompute,
+            tp_group=tp_group,
+            seed=run.get("seed", 0),
+            device=device,
+            dtype=torch_dtype(cfg),
+            split=cfg.split,
+            sequence_parallel=cfg.sequence_parallel,
+        )
+        for g in stages
+    ]
+    module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+    schedule = generate(
+        cfg.schedule,
+        cfg.pp,
+        cfg.num_microbatches,
+        cap=cfg.bpipe_cap or None,
+        virtual_stages=cfg.virtual_stages,
     )
-    schedule = generate(cfg.schedule, cfg.pp, cfg.num_microbatches, cap=cfg.bpipe_cap or None)
     validate(schedule)
     static_bytes = optimizer_static_bytes(  # parameters, gradients, AdamW's moments (sharded over dp)
         sum(p.numel() for p in module.parameters()), dtype=cfg.trial_dtype, dp=cfg.dp,
         distributed_optimizer=cfg.distributed_optimizer,
     )  # fmt: skip
     tracker = ActivationTracker.for_module(module, static_bytes=static_bytes, limit=cfg.memory_limit)
-    mb_bytes = _probe_microbatch_bytes(module, cfg, tracker, device)
+    mb_bytes = _probe_microbatch_bytes(chunks[0], cfg, tracker, device)
     executor = StageExecutor(
         module,
         schedule.program(me.pp),
         cap=schedule.cap,
-        first=module.is_first,
-        last=module.is_last,
+        stages=stages,
+        num_model_stages=cfg.num_model_stages,
         links=_links(cfg, me, schedule.partner[me.pp], mb_bytes, device),
         activation_shape=cfg.activation_shape,
         dtype=torch_dtype(cfg),
@@ -192,9 +203,12 @@ def _links(
     evictor = None
     if partner is not None and partner_stage is not None:
         evictor = me.rank if me.pp < partner_stage else partner
+    ring = cfg.virtual_stages > 1  # the last rank's chunk c feeds the first rank's chunk c + 1
     return StageLinks(
-        prev=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp - 1) if me.pp > 0 else None,
-        next=global_rank(cfg, tp=me.tp, dp=me.dp, pp=me.pp + 1) if me.pp < cfg.pp - 1 else None,
+        prev=global_rank(cfg, tp=me.tp, dp=me.dp, pp=(me.pp - 1) % cfg.pp) if me.pp > 0 or ring else None,
+        next=global_rank(cfg, tp=me.tp, dp=me.dp, pp=(me.pp + 1) % cfg.pp)
+        if me.pp < cfg.pp - 1 or ring
+        else None,
         partner=partner,
         partner_mb_bytes=int(sizes[evictor].item()) if evictor is not None else 0,
     )
@@ -260,7 +274,7 @@ def _train(
             loss = float(loss_t.item())
         sync_sequence_parallel_grads(grads, tp_group)  # sums commute: after the dp all-reduce
         if step == 0 and run.get("dump_dir"):
-            _dump_grads(executor.module, grads, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
+            _dump_grads(executor.chunks, grads, Path(run["dump_dir"]) / f"rank{me.rank}.npz")
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -269,11 +283,12 @@ def _train(
     return times, losses, evicted, overlapped
 
 
-def _dump_grads(module: torch.nn.Module, grads: list[torch.Tensor], path: Path) -> None:
-    """Write every parameter's gradient (held by `grads`, in the parameters' order; fp32) and its
-    tp shard dim as .npz; no pickles."""
+def _dump_grads(chunks: list[torch.nn.Module], grads: list[torch.Tensor], path: Path) -> None:
+    """Write every parameter's gradient (held by `grads`, in the parameters' order, chunk after
+    chunk; fp32) and its tp shard dim as .npz, by the full model's names; no pickles."""
     arrays = {}
-    for (name, p), holder in zip(module.named_parameters(), grads, strict=True):
+    named = [item for chunk in chunks for item in chunk.named_parameters()]
+    for (name, p), holder in zip(named, grads, strict=True):
         if holder.grad is not None:
             arrays[name] = holder.grad.detach().float().cpu().numpy()
         arrays[f"__shard_dim__{name}"] = np.array(getattr(p, "tp_shard_dim", -1))

@@ -381,7 +381,8 @@ def _links(
     out: list[Links] = []
     for s in range(pp):
         tp_link = group_link([place(s, 0, r) for r in range(tp)])
-        send = link(place(s, 0, 0), place(s + 1, 0, 0)) if s < pp - 1 else (math.inf, 0.0)
+        # to the next rank; the last one's goes round to the first (its next chunk, interleaved)
+        send = link(place(s, 0, 0), place((s + 1) % pp, 0, 0)) if pp > 1 else (math.inf, 0.0)
         partner = pp - 1 - s
         evict = link(place(s, 0, 0), place(partner, 0, 0)) if partner != s else (math.inf, 0.0)
         dp_link = group_link([place(s, r, 0) for r in range(dp)])
@@ -408,6 +409,13 @@ def in_dtype(cluster: ClusterSpec, cfg: TrialConfig) -> ClusterSpec:
     return dataclasses.replace(cluster, dtype=cfg.dtype, peak_flops=peak)
 
 
+# The weight gradients' share of a backward's compute, where a schedule runs them apart (ZB-H1's
+# W): each GEMM's backward is two GEMMs of its forward's size, one for the input and one for the
+# weight gradient (Qi et al. 2024 take T_B = T_W likewise); the attention core's backward, input
+# gradients only, is counted in the same halves.
+WEIGHT_GRAD_SHARE = 0.5
+
+
 def stage_costs(
     cfg: TrialConfig,
     cluster: ClusterSpec,
@@ -415,8 +423,10 @@ def stage_costs(
     profile: Profile | None = None,
     placement: Placement | None = None,
 ) -> list[StageCosts]:
-    """Per-stage durations and sizes of `cfg` on `cluster` (one entry per pipeline stage).
+    """Per-stage durations and sizes of `cfg` on `cluster` (one entry per pipeline stage; with V
+    model chunks per rank, per virtual stage: rank s's chunk c is entry c * pp + s).
 
+    - wgt: the weight gradients' part of bwd's compute (`WEIGHT_GRAD_SHARE`), run apart by W;
     - fwd/bwd: compute (profile or kernel model; the kernel model's backward adds the
       micro-batch's gradient accumulation, `grad_accumulation_time`) + the tensor-parallel
       collectives (2 all-reduces per layer in forward, `tp_backward_collectives` in backward;
@@ -439,15 +449,18 @@ def stage_costs(
     split = cfg.split
     hidden_bytes = b * spec.seq_len * spec.hidden_size * d
     out: list[StageCosts] = []
-    for s in range(p):
-        first, last, layers = s == 0, s == p - 1, split[s]
+    n = cfg.num_model_stages
+    for g in range(n):
+        s = g % p  # the rank
+        first, last, layers = g == 0, g == n - 1, split[g]
         tp_link, send_link, evict_link, dp_link = links[s]
-        params = stage_params(spec, stage=s, num_stages=p, tp=tp, layers=layers)
+        params = stage_params(spec, stage=g, num_stages=n, tp=tp, layers=layers)
         if profile is not None:  # its measured backward holds the accumulation
             fwd, bwd = _profile_times(profile, cfg, layers=layers, first=first, last=last)
         else:
             fwd, bwd = _roofline_times(cfg, cluster, layers=layers, first=first, last=last)
-            bwd += grad_accumulation_time(cfg, cluster, params, stage=s)
+            bwd += grad_accumulation_time(cfg, cluster, params, stage=g)
+        wgt = WEIGHT_GRAD_SHARE * bwd  # before the collectives, which the input gradients wait for
         if tp > 1:
             one = allreduce_time(hidden_bytes, tp, *tp_link)
             fwd += layers * 2 * one
@@ -463,8 +476,8 @@ def stage_costs(
         send = 0.0 if last else transfer_time(sent, *send_link)
         act = activation_bytes(
             spec,
-            stage=s,
-            num_stages=p,
+            stage=g,
+            num_stages=n,
             micro_batch_size=b,
             flash_attention=cfg.flash_attention,
             recompute=cfg.recompute,
@@ -474,7 +487,7 @@ def stage_costs(
             sequence_parallel=cfg.sequence_parallel,
             cpu=cluster.device == "cpu",
         )
-        evict = 0.0 if p - 1 - s == s else transfer_time(act, *evict_link)
+        evict = 0.0 if p - 1 - s == s or n > p else transfer_time(act, *evict_link)
         updated = -(-params // cfg.dp) if cfg.distributed_optimizer else params  # its shard only
         tail = optimizer_time(cfg, cluster, updated, profile=profile)
         if cfg.dp > 1:
@@ -483,6 +496,7 @@ def stage_costs(
             StageCosts(
                 fwd=fwd,
                 bwd=bwd,
+                wgt=wgt,
                 send_act=send,
                 evict=evict,
                 act_bytes=act,

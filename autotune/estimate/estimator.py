@@ -19,6 +19,7 @@ from autotune.estimate.clusters import ClusterSpec
 from autotune.estimate.costs import stage_costs
 from autotune.estimate.fastpath import (
     CompiledSchedule,
+    ScheduleKey,
     StageArrays,
     compile_schedule,
     compiled_schedule,
@@ -33,14 +34,14 @@ def schedule_of(cfg: TrialConfig) -> Schedule:
     return _schedule(*_key(cfg))
 
 
-def _key(cfg: TrialConfig) -> tuple[str, int, int, int | None]:
-    """What a configuration's schedule is generated from: name, p, m and cap (None: default)."""
-    return cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None
+def _key(cfg: TrialConfig) -> ScheduleKey:
+    """What a configuration's schedule is generated from: name, p, m, cap (None: default), V."""
+    return cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.bpipe_cap or None, cfg.virtual_stages
 
 
 @functools.lru_cache(maxsize=1024)
-def _schedule(name: str, pp: int, m: int, cap: int | None) -> Schedule:
-    return generate(name, pp, m, cap=cap)
+def _schedule(name: str, pp: int, m: int, cap: int | None, virtual_stages: int) -> Schedule:
+    return generate(name, pp, m, cap=cap, virtual_stages=virtual_stages)
 
 
 def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:
@@ -49,18 +50,21 @@ def memory_cap(cfg: TrialConfig, cluster: ClusterSpec) -> int:
 
 
 def stage_report(schedule: Schedule | CompiledSchedule, costs: Sequence[StageCosts]) -> list[dict[str, Any]]:
-    """Per-stage predicted memory, in the fields `autotune trial` measures."""
+    """Per-stage predicted memory, in the fields `autotune trial` measures (per rank: with V
+    chunks per rank, `costs` are per virtual stage and a rank's are its chunks' together)."""
     shape = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
+    p = shape.num_stages
     out = []
-    for s, cost in enumerate(costs):
+    for s in range(p):
+        chunks = costs[s::p]  # entry c * p + s is rank s's chunk c
         partner = shape.partner_of(s)
-        partner_bytes = costs[partner].act_bytes if partner is not None else 0
-        peak = max(a * cost.act_bytes + b * partner_bytes for a, b in shape.peaks(s))
+        sizes = (*(cost.act_bytes for cost in chunks), costs[partner].act_bytes if partner is not None else 0)
+        peak = max(sum(n * size for n, size in zip(point, sizes, strict=True)) for point in shape.peaks(s))
         out.append({
             "stage": s,
             "peak_activation_bytes": peak,
-            "peak_memory_bytes": peak + cost.static_bytes,
-            "evicted_bytes": shape.evictions_of(s) * cost.act_bytes,
+            "peak_memory_bytes": peak + sum(cost.static_bytes for cost in chunks),
+            "evicted_bytes": shape.evictions_of(s) * chunks[0].act_bytes,
         })  # fmt: skip
     return out
 
@@ -110,7 +114,7 @@ def estimate(
         sim = simulate(schedule_of(cfg), costs, record=True)
         step, bubble, exposed = sim.step_time, sim.bubble_fraction, sim.exposed_transfer
     else:
-        out = replay(compiled, StageArrays.from_costs([costs]))
+        out = replay(compiled, StageArrays.from_costs([costs], cfg.pp))
         step, bubble, exposed = float(out.step[0]), float(out.bubble[0]), out.exposed[0].tolist()
     result = _result(
         cfg, cluster, step=step, bubble=bubble, stages=stages, method="profile" if profile else "roofline"
@@ -125,7 +129,7 @@ def estimate_many(
     configs: Sequence[TrialConfig], cluster: ClusterSpec, *, profile: Profile | None = None
 ) -> list[dict[str, Any]]:
     """`estimate` for many configurations (no timelines), batched by schedule."""
-    groups: dict[tuple[str, int, int, int | None], list[int]] = defaultdict(list)
+    groups: dict[ScheduleKey, list[int]] = defaultdict(list)
     for i, cfg in enumerate(configs):
         groups[_key(cfg)].append(i)
     all_costs = [stage_costs(cfg, cluster, profile=profile) for cfg in configs]
@@ -133,7 +137,7 @@ def estimate_many(
     method = "profile" if profile else "roofline"
     for key, members in groups.items():
         compiled = compiled_schedule(*key)
-        arrays = StageArrays.from_costs([all_costs[i] for i in members])
+        arrays = StageArrays.from_costs([all_costs[i] for i in members], key[1])
         replayed = replay(compiled, arrays)
         for row, i in enumerate(members):
             stages = stage_report(compiled, all_costs[i])

@@ -5,7 +5,7 @@ an action starts at the max of its stage's clock and the ends of the transfers i
 and ends a duration later; a transfer starts at the max of its two posts and its link's last
 end. The only choice the event loop makes is the order of transfers on a link, and that is the
 sender's program order (one sender per directed link), so the recurrences can be run in any
-order that respects the dependencies. `compiled_schedule(name, p, m, cap)` fixes one such
+order that respects the dependencies. `compiled_schedule(name, p, m, cap, V)` fixes one such
 order once and encodes it as integer arrays (each action's stage, kind, the transfers it waits
 for or posts; each transfer's link and duration), kept in memory and on disk
 (`schedule_cache`); `compile_schedule(schedule)` does the same for a given Schedule object.
@@ -23,14 +23,17 @@ from typing import Any
 import numpy as np
 
 from autotune.estimate import schedule_cache
-from autotune.estimate.simulate import StageCosts, stage_transfers
-from autotune.schedules.ir import FAMILIES, Kind, Schedule, without_gc
+from autotune.estimate.simulate import COSTS, REST, StageCosts, compute_op, stage_transfers
+from autotune.schedules.ir import FAMILIES, Kind, Schedule, taken_over, without_gc
 from autotune.schedules.memory import peak_candidates
 from autotune.schedules.registry import generate
 
 TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination)
 
-FWD, BWD, POST = 0, 1, 2  # op kinds
+# op kinds: a compute action's (`simulate.compute_op`: the index of its cost in COSTS, or REST,
+# bwd - wgt), or a post
+FWD, BWD, WGT = (COSTS.index(name) for name in ("fwd", "bwd", "wgt"))
+POST = REST + 1
 # What a transfer's duration is: send_act[min(src, dst)], evict[src] or evict[dst].
 SEND, EVICTOR, ACCEPTOR = 0, 1, 2
 
@@ -39,13 +42,15 @@ SEND, EVICTOR, ACCEPTOR = 0, 1, 2
 class CompiledSchedule:
     """A schedule's actions in a dependency order, as arrays the replay loop reads.
 
-    Ops: `stage`, `kind` (FWD, BWD, POST), `slot` (the transfer a POST posts one end of, else
-    -1) and the transfers each waits for (`wait_slots[wait_ptr[i]:wait_ptr[i + 1]]`).
-    Transfers (slots): `src`, `dst`, `link` (one index per directed link and family: p2p or the
-    BPipe pair link), and the duration's source (`duration_kind` of `duration_stage`).
-    What the memory report needs: each stage's BPipe `partner` (-1: none), the (own, partner)
-    micro-batch counts that can be its peak (`peak_pairs[peak_ptr[s]:peak_ptr[s + 1]]`) and how
-    many evictions its program has.
+    Ops: `stage` (the rank), `column` (its virtual stage: whose durations it takes), `kind`
+    (FWD, BWD, WGT, REST, POST), `slot` (the transfer a POST posts one end of, else -1) and the transfers
+    each waits for (`wait_slots[wait_ptr[i]:wait_ptr[i + 1]]`).
+    Transfers (slots): `src`, `dst` (ranks), `link` (one index per directed link and family:
+    p2p or the BPipe pair link), and the duration's source (`duration_kind` of the virtual stage
+    `duration_stage`).
+    What the memory report needs: each stage's BPipe `partner` (-1: none), the micro-batch
+    counts (own per chunk, then the partner's) that can be its peak
+    (`peak_pairs[peak_ptr[s]:peak_ptr[s + 1]]`) and how many evictions its program has.
     """
 
     name: str
@@ -53,6 +58,7 @@ class CompiledSchedule:
     num_microbatches: int
     cap: int | None
     stage: np.ndarray
+    column: np.ndarray
     kind: np.ndarray
     slot: np.ndarray
     wait_ptr: np.ndarray
@@ -64,12 +70,13 @@ class CompiledSchedule:
     duration_stage: np.ndarray
     num_links: int
     partner: np.ndarray
-    peak_pairs: np.ndarray  # (K, 2)
+    peak_pairs: np.ndarray  # (K, V + 1)
     peak_ptr: np.ndarray
     evictions: np.ndarray
+    virtual_stages: int = 1
 
     def __post_init__(self) -> None:  # the memory report's view, as plain Python (read per config)
-        pairs = [(int(a), int(b)) for a, b in self.peak_pairs]
+        pairs = [tuple(int(x) for x in row) for row in self.peak_pairs]
         ptr = [int(x) for x in self.peak_ptr]
         peaks = [tuple(pairs[ptr[s] : ptr[s + 1]]) for s in range(self.num_stages)]
         object.__setattr__(self, "_peaks", peaks)
@@ -80,8 +87,9 @@ class CompiledSchedule:
     def num_ops(self) -> int:
         return len(self.stage)
 
-    def peaks(self, stage: int) -> tuple[tuple[int, int], ...]:
-        """(own, partner) micro-batch counts one of which is the stage's peak, for any sizes."""
+    def peaks(self, stage: int) -> tuple[tuple[int, ...], ...]:
+        """Micro-batch counts (own per chunk, then the partner's) one of which is the stage's
+        peak, for any sizes."""
         return self._peaks[stage]  # type: ignore[attr-defined, no-any-return]
 
     def partner_of(self, stage: int) -> int | None:
@@ -95,13 +103,12 @@ class CompiledSchedule:
 
 
 _ARRAY_FIELDS = (
-    "stage", "kind", "slot", "wait_ptr", "wait_slots", "src", "dst", "link", "duration_kind",
+    "stage", "column", "kind", "slot", "wait_ptr", "wait_slots", "src", "dst", "link", "duration_kind",
     "duration_stage", "partner", "peak_pairs", "peak_ptr", "evictions",
 )  # fmt: skip
-_STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links)
+_STORED = (*_ARRAY_FIELDS, "sizes")  # and (p, m, cap or -1, number of links, V)
 
 
-_OP = {Kind.F: FWD, Kind.B: BWD}  # every other kind posts one end of a transfer
 _FAMILY = {family: i for i, family in enumerate(FAMILIES)}  # evict and load use the BPipe pair link
 
 
@@ -147,8 +154,11 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
     """The schedule's actions as arrays, in a dependency order, with their transfers' slots."""
     p = schedule.num_stages
     per_stage = [stage_transfers(schedule, s) for s in range(p)]
-    op_of = _OP.get
-    kinds = [op_of(action.kind, POST) for program in schedule.programs for action in program]
+    kinds: list[int] = []
+    for program in schedule.programs:
+        split = taken_over(program)
+        kinds += [compute_op(a, split) if a.kind.is_compute else POST for a in program]
+    columns = [a.chunk * p + s for s, program in enumerate(schedule.programs) for a in program]
     waits = [w for stage_waits, _ in per_stage for w in stage_waits]
     posts = [key for _, stage_posts in per_stage for key in stage_posts]
     # slots: each transfer numbered once; both its ends post it
@@ -177,14 +187,16 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
         int(ordered_ptr[-1]), dtype=np.int64
     )
     src, dst, link, duration_kind, duration_stage = _transfer_arrays(list(index), p)
-    peaks = [peak_candidates(program, schedule.cap) for program in schedule.programs]
-    pairs = np.array([two for stage_peaks in peaks for two in stage_peaks], dtype=np.int64)
+    v = schedule.virtual_stages
+    peaks = [peak_candidates(program, schedule.cap, v) for program in schedule.programs]
+    pairs = np.array([point for stage_peaks in peaks for point in stage_peaks], dtype=np.int64)
     return CompiledSchedule(
         name=schedule.name,
         num_stages=p,
         num_microbatches=schedule.num_microbatches,
         cap=schedule.cap,
         stage=stage_of[order],
+        column=array(columns)[order],
         kind=array(kinds)[order],
         slot=slot[order],
         wait_ptr=ordered_ptr,
@@ -196,42 +208,55 @@ def _encode(schedule: Schedule) -> CompiledSchedule:
         duration_stage=duration_stage,
         num_links=int(link.max()) + 1 if len(link) else 0,
         partner=array([-1 if q is None else q for q in schedule.partner]),
-        peak_pairs=pairs.reshape(-1, 2),
+        peak_pairs=pairs.reshape(-1, v + 1),
         peak_ptr=array(list(itertools.accumulate([len(x) for x in peaks], initial=0))),
         evictions=array([sum(1 for a in program if a.kind is Kind.EVICT) for program in schedule.programs]),
+        virtual_stages=v,
     )
 
 
 def _transfer_arrays(keys: list[TransferKey], p: int) -> tuple[np.ndarray, ...]:
-    """Per transfer (slot): its source and destination stages, its link (one per directed pair
-    of stages and family: p2p or the BPipe pair link), and whose duration it takes."""
+    """Per transfer (slot): its source and destination ranks, its link (one per directed pair
+    of ranks and family: p2p or the BPipe pair link), and whose duration it takes (a virtual
+    stage's: the keys name virtual stages)."""
     family = np.array([_FAMILY[k[0]] for k in keys], dtype=np.int64)
-    src = np.array([k[2] for k in keys], dtype=np.int64)
-    dst = np.array([k[3] for k in keys], dtype=np.int64)
+    src_stage = np.array([k[2] for k in keys], dtype=np.int64)
+    dst_stage = np.array([k[3] for k in keys], dtype=np.int64)
+    src, dst = src_stage % p, dst_stage % p
     pair = family >= _FAMILY["evict"]
     evict = family == _FAMILY["evict"]
     _, link = np.unique((pair * p + src) * p + dst, return_inverse=True)
     duration_kind = np.where(pair, np.where(evict, EVICTOR, ACCEPTOR), SEND)
-    duration_stage = np.where(pair, np.where(evict, src, dst), np.minimum(src, dst))
+    duration_stage = np.where(pair, np.where(evict, src_stage, dst_stage), np.minimum(src_stage, dst_stage))
     as_int = [a.astype(np.int64).reshape(-1) for a in (link, duration_kind, duration_stage)]
     return (src, dst, *as_int)
 
 
-_COMPILED: dict[tuple[str, int, int, int | None], CompiledSchedule] = {}
+ScheduleKey = tuple[str, int, int, int | None, int]  # name, p, m, cap (None: default), V
+_COMPILED: dict[ScheduleKey, CompiledSchedule] = {}
 
 
-def compiled_schedule(name: str, p: int, m: int, cap: int | None = None) -> CompiledSchedule:
-    """The fast path's arrays for schedule `name` with p stages and m micro-batches: from memory,
-    else from the on-disk cache (`schedule_cache`), else generated and compiled (and stored)."""
-    key = (name, p, m, cap)
+def compiled_schedule(
+    name: str, p: int, m: int, cap: int | None = None, virtual_stages: int = 1
+) -> CompiledSchedule:
+    """The fast path's arrays for schedule `name` with p stages, m micro-batches and V chunks per
+    rank: from memory, else from the on-disk cache (`schedule_cache`), else generated and
+    compiled (and stored)."""
+    key = (name, p, m, cap, virtual_stages)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _from_disk(*key)
+        stored = _stored_name(name, virtual_stages)
+        compiled = _from_disk(name, stored, p, m, cap, virtual_stages)
         if compiled is None:
-            compiled = _encode(generate(name, p, m, cap=cap))
-            schedule_cache.store(*key, {**compiled.arrays(), "sizes": _sizes(compiled)})
+            compiled = _encode(generate(name, p, m, cap=cap, virtual_stages=virtual_stages))
+            schedule_cache.store(stored, p, m, cap, {**compiled.arrays(), "sizes": _sizes(compiled)})
         _remember(key, compiled)
     return compiled
+
+
+def _stored_name(name: str, virtual_stages: int) -> str:
+    """The on-disk cache's name for a schedule with V chunks per rank."""
+    return name if virtual_stages == 1 else f"{name}-v{virtual_stages}"
 
 
 def compile_schedule(schedule: Schedule) -> CompiledSchedule:
@@ -250,7 +275,7 @@ def compile_schedule(schedule: Schedule) -> CompiledSchedule:
 _BY_OBJECT: dict[int, tuple[Schedule, CompiledSchedule]] = {}
 
 
-def _remember(key: tuple[str, int, int, int | None], compiled: CompiledSchedule) -> None:
+def _remember(key: ScheduleKey, compiled: CompiledSchedule) -> None:
     if len(_COMPILED) >= 1024:
         _COMPILED.clear()
     _COMPILED[key] = compiled
@@ -258,32 +283,38 @@ def _remember(key: tuple[str, int, int, int | None], compiled: CompiledSchedule)
 
 def _sizes(c: CompiledSchedule) -> np.ndarray:
     return np.array(
-        [c.num_stages, c.num_microbatches, -1 if c.cap is None else c.cap, c.num_links], dtype=np.int64
+        [c.num_stages, c.num_microbatches, -1 if c.cap is None else c.cap, c.num_links, c.virtual_stages],
+        dtype=np.int64,
     )
 
 
-def _from_disk(name: str, p: int, m: int, cap: int | None) -> CompiledSchedule | None:
-    data = schedule_cache.load(name, p, m, cap, _STORED)
+def _from_disk(
+    name: str, stored: str, p: int, m: int, cap: int | None, virtual_stages: int
+) -> CompiledSchedule | None:
+    data = schedule_cache.load(stored, p, m, cap, _STORED)
     if data is None:
         return None
     sizes = data.pop("sizes")
-    if sizes.shape != (4,) or int(sizes[0]) != p or int(sizes[1]) != m:
+    if sizes.shape != (5,) or int(sizes[0]) != p or int(sizes[1]) != m or int(sizes[4]) != virtual_stages:
         return None
     stored_cap = None if int(sizes[2]) < 0 else int(sizes[2])
     if cap is not None and stored_cap != cap:
         return None
     return CompiledSchedule(
-        name=name, num_stages=p, num_microbatches=m, cap=stored_cap, num_links=int(sizes[3]), **data
-    )
+        name=name, num_stages=p, num_microbatches=m, cap=stored_cap, num_links=int(sizes[3]),
+        virtual_stages=virtual_stages, **data,
+    )  # fmt: skip
 
 
 def _replay(
     fwd: np.ndarray,
     bwd: np.ndarray,
+    wgt: np.ndarray,
     send: np.ndarray,
     evict: np.ndarray,
     post: np.ndarray,
     stage: np.ndarray,
+    column: np.ndarray,
     kind: np.ndarray,
     slot: np.ndarray,
     wait_ptr: np.ndarray,
@@ -294,13 +325,16 @@ def _replay(
     duration_kind: np.ndarray,
     duration_stage: np.ndarray,
     num_links: int,
+    num_ranks: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Two (N, p) arrays, per configuration (rows of the (N, p) duration arrays): when each
+    """Two (N, p) arrays, per configuration (rows of the (N, p V) duration arrays, one column
+    per virtual stage; `p` the ranks, as many as the partner array has): when each
     stage's compute and every transfer it takes part in are done, and how long each stage's
     compute waited on BPipe transfers (evictions, stashes, loads, returns: the simulator's
     `exposed_transfer`). The simulator's recurrences, in the compiled order; times start at 0,
     so an unused link's clock can start at 0 too."""
-    n, p = fwd.shape
+    n = fwd.shape[0]
+    p = num_ranks
     num_slots = len(src)
     out = np.empty((n, p))
     exposed = np.zeros((n, p))
@@ -330,12 +364,18 @@ def _replay(
                 exposed[c, s] += bpipe_wait
             k = kind[i]
             if k == FWD:
-                clock[s] = now + fwd[c, s]
+                clock[s] = now + fwd[c, column[i]]
                 continue
             if k == BWD:
-                clock[s] = now + bwd[c, s]
+                clock[s] = now + bwd[c, column[i]]
                 continue
-            now += post[c, s]  # the post call; the transfer is posted when it returns
+            if k == REST:
+                clock[s] = now + (bwd[c, column[i]] - wgt[c, column[i]])
+                continue
+            if k == WGT:
+                clock[s] = now + wgt[c, column[i]]
+                continue
+            now += post[c, column[i]]  # the post call; the transfer is posted when it returns
             clock[s] = now
             t = slot[i]
             if not posted[t]:
@@ -373,7 +413,8 @@ _order_kernel = _compiled(_dependency_order)
 
 @dataclass(frozen=True)
 class StageArrays:
-    """Per-stage durations of N configurations: each array is (N, p), seconds."""
+    """Per-stage durations of N configurations, seconds: each array is (N, p V), one column per
+    virtual stage, but `tail`, (N, p): each rank's chunks' tails together."""
 
     fwd: np.ndarray
     bwd: np.ndarray
@@ -381,13 +422,20 @@ class StageArrays:
     evict: np.ndarray
     tail: np.ndarray
     post: np.ndarray
+    wgt: np.ndarray | None = None  # None: zeros
 
     @classmethod
-    def from_costs(cls, rows: list[list[StageCosts]]) -> StageArrays:
+    def from_costs(cls, rows: list[list[StageCosts]], num_stages: int | None = None) -> StageArrays:
+        """From each configuration's costs per virtual stage (`num_stages` ranks: as many as
+        there are costs where each rank runs one chunk)."""
+
         def grab(field: str) -> np.ndarray:
             return np.array([[getattr(c, field) for c in row] for row in rows], dtype=float)
 
-        return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), grab("tail"), grab("post"))
+        tail = grab("tail")
+        p = num_stages or tail.shape[1]
+        tail = tail.reshape(len(rows), -1, p).sum(axis=1)  # column c * p + s is rank s's chunk c
+        return cls(grab("fwd"), grab("bwd"), grab("send_act"), grab("evict"), tail, grab("post"), grab("wgt"))
 
 
 @dataclass(frozen=True)
@@ -422,13 +470,21 @@ def _finish_and_exposed(
     schedule: Schedule | CompiledSchedule, arrays: StageArrays
 ) -> tuple[np.ndarray, np.ndarray]:
     c = schedule if isinstance(schedule, CompiledSchedule) else compile_schedule(schedule)
+    return _kernel(*kernel_args(c, arrays))  # type: ignore[no-any-return]
+
+
+def kernel_args(c: CompiledSchedule, arrays: StageArrays) -> tuple[Any, ...]:
+    """What the replay loop (`_replay`, compiled or not) takes for this schedule and these costs."""
     durations = [
         np.ascontiguousarray(a, dtype=np.float64)
-        for a in (arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, arrays.post)
-    ]
-    return _kernel(  # type: ignore[no-any-return]
-        *durations, c.stage, c.kind, c.slot, c.wait_ptr, c.wait_slots, c.src, c.dst, c.link,
-        c.duration_kind, c.duration_stage, c.num_links,
+        for a in (
+            arrays.fwd, arrays.bwd, np.zeros_like(arrays.fwd) if arrays.wgt is None else arrays.wgt,
+            arrays.send_act, arrays.evict, arrays.post,
+        )
+    ]  # fmt: skip
+    return (
+        *durations, c.stage, c.column, c.kind, c.slot, c.wait_ptr, c.wait_slots, c.src, c.dst, c.link,
+        c.duration_kind, c.duration_stage, c.num_links, c.num_stages,
     )  # fmt: skip
 
 

@@ -10,6 +10,11 @@ allocating action (F, LD, ST) for the stage's outgoing evictions and returns. Me
 `autotune.schedules.memory`, the same semantics the executor's accounting has, so the
 predicted per-stage peaks equal the measured ones.
 
+A rank that runs several model chunks (the interleaved schedule) is one thread over all of
+them: `costs` are then per virtual stage (rank s's chunk c is stage c * p + s), transfers are
+named by virtual stages and use their ranks' link, and a rank's tail, static bytes and memory
+are its chunks' together.
+
 A discrete-event loop: the stage with the earliest clock acts next, so posts, and therefore
 link order, happen in time order. A program set that stalls is reported as a deadlock with
 the grid.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from autotune.schedules.ir import SEMANTICS, Kind, Schedule, peer_stage
+from autotune.schedules.ir import SEMANTICS, Action, Kind, Schedule, taken_over
 from autotune.schedules.memory import peak_resident, release_points
 from autotune.schedules.render import grid
 from autotune.timeline import Span
@@ -30,6 +35,8 @@ from autotune.timeline import Span
 class StageCosts:
     """Durations (seconds) and sizes (bytes) of one pipeline stage's work per micro-batch.
 
+    `wgt` is the part of `bwd` that computes the weight gradients: where a schedule runs them
+    apart (a W action), its B costs `bwd - wgt` and its W `wgt`.
     `send_act` is the time to move one activation (or its gradient) between this stage and the
     next; `evict` the time to move one of this stage's micro-batches' saved activations over
     the BPipe pair link (both directions). `post` is the stage's thread time to post one send
@@ -39,6 +46,7 @@ class StageCosts:
 
     fwd: float
     bwd: float
+    wgt: float = 0.0
     send_act: float = 0.0
     evict: float = 0.0
     act_bytes: int = 0
@@ -59,6 +67,36 @@ class SimResult:
     spans: list[Span] = field(default_factory=list)
 
 
+# What a compute action costs (the IR's `cost`: a StageCosts field), or, for one whose share of
+# the work a later action takes over (a backward whose weight gradients a W computes:
+# `taken_over`), its cost less the taker's. The simulator and the fast path's compiler both take
+# it from `compute_op`.
+COSTS = ("fwd", "bwd", "wgt")
+REST = len(COSTS)  # op: the rest of a cost whose share is taken over (bwd - wgt)
+_TAKER_COST: dict[Kind, str] = {
+    row.takes_over: row.cost
+    for row in SEMANTICS.values()
+    if row.takes_over is not None and row.cost is not None
+}
+
+
+def compute_op(action: Action, split: set[Action]) -> int:
+    """The op of `action` (a compute action): the index of its cost in COSTS, or REST where a
+    later action of its micro-batch takes over a share (`split`: its program's `taken_over`)."""
+    if action in split:
+        return REST
+    cost = SEMANTICS[action.kind].cost
+    assert cost is not None, f"{action} is not a compute action"
+    return COSTS.index(cost)
+
+
+def compute_time(cost: StageCosts, action: Action, split: set[Action]) -> float:
+    """How long `action` (a compute action) takes with the stage's `cost`."""
+    row = SEMANTICS[action.kind]
+    own = float(getattr(cost, row.cost or ""))
+    return own - float(getattr(cost, _TAKER_COST[action.kind])) if action in split else own
+
+
 class DeadlockError(RuntimeError):
     """The programs stall: the message says who waits for what, with the grid."""
 
@@ -67,7 +105,7 @@ class DeadlockError(RuntimeError):
         self.stage, self.step = stage, step
 
 
-TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source stage, destination stage)
+TransferKey = tuple[str, int, int, int]  # (family, micro-batch, source, destination virtual stage)
 
 
 def stage_transfers(
@@ -82,42 +120,41 @@ def stage_transfers(
     (`release_points`), first for the stage's evictions and returns posted since the last one.
     What a stage waits for depends only on its own program, so the simulator and the fast
     path's compiler both take it from here."""
-    p, partner = schedule.num_stages, schedule.partner[stage]
+    p = schedule.num_stages
     program = schedule.programs[stage]
-    # per kind, on this stage: what it waits for, and the transfer it posts (family, whether it
-    # sends, the peer, whether it is outgoing), from the IR's table
-    rules = {
-        kind: (
-            row.waits_for,
-            row.family,
-            row.sends,
-            peer_stage(kind, stage, p, partner),
-            row.outgoing != (0, 0),
-        )
-        for kind, row in SEMANTICS.items()
-    }
+    # per kind and chunk, on this stage: what it waits for, and the transfer it posts (family,
+    # whether it sends, this end's and the peer's virtual stage, whether it is outgoing), from
+    # the IR's table
+    rules: dict[tuple[Kind, int], tuple[tuple[Kind, ...], str | None, bool, int, int | None, bool]] = {}
+    for c in range(schedule.virtual_stages):
+        for kind, row in SEMANTICS.items():
+            other = schedule.peer(kind, stage, c)
+            there = None if other is None else schedule.virtual_stage(*other)
+            rules[kind, c] = (
+                row.waits_for, row.family, row.sends, c * p + stage, there, row.outgoing != (0, 0)
+            )  # fmt: skip
     waits: list[list[TransferKey]] = []
     posts: list[TransferKey | None] = []
     wait, post = waits.append, posts.append
     outgoing: list[TransferKey] = []
-    posted: dict[tuple[Kind, int], TransferKey] = {}  # the stage's own transfer actions so far
+    posted: dict[Action, TransferKey] = {}  # the stage's own transfer actions so far
     for action, release in zip(program, release_points(program, schedule.cap), strict=True):
-        kind, k = action
+        kind, k, c = action
         if release:
             out, outgoing = outgoing, []
         else:
             out = []
-        waits_for, family, sends, peer, goes_out = rules[kind]
+        waits_for, family, sends, here, peer, goes_out = rules[kind, c]
         for earlier in waits_for:
-            key = posted.get((earlier, k))
-            if key is not None:
-                out.append(key)
+            waited = posted.get(Action(earlier, k, c))
+            if waited is not None:
+                out.append(waited)
         wait(out)
         if family is None:
             post(None)
             continue
         assert peer is not None, f"stage {stage} has no peer for {action}"
-        key = (family, k, stage, peer) if sends else (family, k, peer, stage)
+        key: TransferKey = (family, k, here, peer) if sends else (family, k, peer, here)
         posted[action] = key
         if goes_out:
             outgoing.append(key)
@@ -138,6 +175,7 @@ class _Replay:
     def __init__(self, schedule: Schedule, costs: list[StageCosts], record: bool) -> None:
         self.schedule, self.costs, self.record = schedule, costs, record
         p = schedule.num_stages
+        self.rank = [g % p for g in range(len(costs))]  # of each virtual stage
         self.transfers: dict[TransferKey, _Transfer] = {}
         self.link_free: dict[tuple[str, int, int], float] = {}
         self.pc = [0] * p
@@ -149,6 +187,7 @@ class _Replay:
         self.heap = [(0.0, s) for s in range(p)]
         transfers = [stage_transfers(schedule, s) for s in range(p)]
         self.waits = [waits for waits, _ in transfers]
+        self.split = [taken_over(program) for program in schedule.programs]
         self.posts = [posts for _, posts in transfers]
 
     def duration(self, key: TransferKey) -> float:
@@ -163,7 +202,8 @@ class _Replay:
         transfer.posted.append(at)
         if len(transfer.posted) < 2:
             return
-        family, mb, src, dst = key
+        family, mb, src_stage, dst_stage = key
+        src, dst = self.rank[src_stage], self.rank[dst_stage]
         link = ("pair" if family in ("evict", "load") else "p2p", src, dst)
         start = max(*transfer.posted, self.link_free.get(link, 0.0))
         transfer.end = start + self.duration(key)
@@ -172,7 +212,12 @@ class _Replay:
             if transfer.end > self.transfer_end[end]:
                 self.transfer_end[end] = transfer.end
         if self.record:
-            self.spans.append(Span(src, f"{family} {mb}", start, transfer.end, "transfer", dst))
+            label = (
+                f"{family} {mb}"
+                if self.schedule.virtual_stages == 1
+                else f"{family} {mb}.{src_stage // len(self.transfer_end)}"
+            )
+            self.spans.append(Span(src, label, start, transfer.end, "transfer", dst))
         for stage in transfer.waiters:
             heapq.heappush(self.heap, (max(self.clock[stage], transfer.end), stage))
         transfer.waiters.clear()
@@ -199,9 +244,9 @@ class _Replay:
             if self.record:
                 self.spans.append(Span(stage, f"wait {action}", now, ready, "wait"))
             return
+        cost = self.costs[action.chunk * len(self.transfer_end) + stage]
         if action.kind.is_compute:
-            cost = self.costs[stage]
-            duration = cost.fwd if action.kind is Kind.F else cost.bwd
+            duration = compute_time(cost, action, self.split[stage])
             self.busy[stage] += duration
             if self.record:
                 self.spans.append(Span(stage, str(action), now, now + duration, "compute"))
@@ -209,7 +254,7 @@ class _Replay:
         else:
             posts = self.posts[stage][self.pc[stage]]
             assert posts is not None
-            posted = now + self.costs[stage].post  # the transfer is posted when the call returns
+            posted = now + cost.post  # the transfer is posted when the call returns
             self.clock[stage] = posted
             self.post(posts, posted)
         self.pc[stage] += 1
@@ -234,29 +279,32 @@ class _Replay:
 
 
 def simulate(schedule: Schedule, costs: list[StageCosts], *, record: bool = False) -> SimResult:
-    """Replay `schedule` with per-stage `costs`; `record` keeps the timeline spans."""
-    if len(costs) != schedule.num_stages:
-        raise ValueError(f"need costs for {schedule.num_stages} stages, got {len(costs)}")
+    """Replay `schedule` with per-stage `costs` (per virtual stage, p * V of them, where ranks run
+    several chunks); `record` keeps the timeline spans. What it reports is per rank."""
+    p, v = schedule.num_stages, schedule.virtual_stages
+    if len(costs) != p * v:
+        raise ValueError(f"need costs for {p * v} stages, got {len(costs)}")
     replay = _Replay(schedule, costs, record)
     replay.run()
-    p = schedule.num_stages
+    chunks = [[costs[c * p + s] for c in range(v)] for s in range(p)]  # each rank's
     finish = [replay.finish_time(s) for s in range(p)]
-    ends = [finish[s] + costs[s].tail for s in range(p)]
+    ends = [finish[s] + sum(cost.tail for cost in chunks[s]) for s in range(p)]
     makespan = max(finish)
     step_time = max(ends)
     peaks = []
     for s in range(p):
         partner = schedule.partner[s]
         partner_bytes = costs[partner].act_bytes if partner is not None else 0
-        program = schedule.program(s)
-        peaks.append(peak_resident(program, own=costs[s].act_bytes, partner=partner_bytes, cap=schedule.cap))
+        own = [cost.act_bytes for cost in chunks[s]]
+        peaks.append(peak_resident(schedule.program(s), own=own, partner=partner_bytes, cap=schedule.cap))
+    static = [sum(cost.static_bytes for cost in chunks[s]) for s in range(p)]
     return SimResult(
         step_time=step_time,
         bubble_fraction=1.0 - sum(replay.busy) / (p * makespan) if makespan > 0 else 0.0,
         stage_busy=replay.busy,
         stage_end=ends,
         peak_activation_bytes=peaks,
-        peak_memory_bytes=[peaks[s] + costs[s].static_bytes for s in range(p)],
+        peak_memory_bytes=[peaks[s] + static[s] for s in range(p)],
         exposed_transfer=replay.exposed,
         spans=replay.spans,
     )

@@ -32,6 +32,27 @@ def one_f_one_b_order(p: int, m: int, stage: int) -> Program:
     return order
 
 
+def interleaved_order(p: int, m: int, stage: int, virtual_stages: int) -> Program:
+    """Megatron-LM's interleaved 1F1B (`forward_backward_pipelining_with_interleaving`): the
+    rank runs V model chunks; its i-th forward is chunk (i mod pV) // p of micro-batch
+    (i // pV) * p + i mod p, its i-th backward the same micro-batch on chunk V - 1 - that; it
+    warms up with 2 (p - s - 1) + (V - 1) p forwards (all m V where m = p), then alternates one
+    forward and one backward, then drains. Needs m to be a multiple of p."""
+    v = virtual_stages
+    total = m * v
+
+    def unit(i: int, forward: bool) -> tuple[int, int]:
+        chunk = (i % (p * v)) // p
+        return (i // (p * v)) * p + i % p, chunk if forward else v - 1 - chunk
+
+    warmup = total if m == p else min((p - stage - 1) * 2 + (v - 1) * p, total)
+    order: Program = [F(*unit(i, True)) for i in range(warmup)]
+    for i in range(total - warmup):
+        order += [F(*unit(warmup + i, True)), B(*unit(i, False))]
+    order += [B(*unit(i, False)) for i in range(total - warmup, total)]
+    return order
+
+
 def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> list[list[float]]:
     """End time of every compute action with unit costs and free communication.
 
@@ -39,7 +60,7 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
     the next stage's backward. Used to line up actions across stages (BPipe's acceptor side).
     """
     p = len(orders)
-    m = 1 + max((mb for order in orders for _, mb in order), default=-1)
+    m = 1 + max((action.mb for order in orders for action in order), default=-1)
     ends: list[list[float]] = [[0.0] * len(o) for o in orders]
     # when stage s's forward / backward of each micro-batch ends (None: not yet); the stages
     # beyond either end are done at 0
@@ -58,7 +79,7 @@ def unit_timeline(orders: list[Program], fwd: float = 1.0, bwd: float = 2.0) -> 
             before, after, own_f, own_b = fwd_end[s], bwd_end[s + 2], fwd_end[s + 1], bwd_end[s + 1]
             previous = row[i - 1] if i else 0.0
             while i < n:
-                kind, mb = order[i]
+                kind, mb, _ = order[i]
                 is_f = kind is forward
                 ready = before[mb] if is_f else after[mb]
                 if ready is None:
@@ -201,41 +222,45 @@ def _order_stash_before_restore(program: Program) -> Program:
     return fixed
 
 
-def insert_communication(programs: list[Program]) -> list[Program]:
+def insert_communication(programs: list[Program], virtual_stages: int = 1) -> list[Program]:
     """Add point-to-point sends and receives around each stage's compute.
 
     Sends follow the compute that produced their data. A receive is posted one compute action
-    ahead of the compute that needs it (before the preceding F/B), so transfer and compute
-    overlap; the executor waits on it just before use.
+    ahead of the compute that needs it (before the preceding compute action), so transfer and
+    compute overlap; the executor waits on it just before use. With several chunks per rank the
+    first and last stage are virtual stage 0 (rank 0's chunk 0) and p * V - 1.
     """
     p = len(programs)
+    last_stage = p * virtual_stages - 1
     out: list[Program] = []
-    make = functools.partial(tuple.__new__, Action)  # Action((kind, mb)) built in C
+    make = functools.partial(tuple.__new__, Action)  # Action((kind, mb, chunk)) built in C
     for s, program in enumerate(programs):
         compute_idx = [i for i, a in enumerate(program) if a.kind.is_compute]
         recv_before: dict[int, list[Action]] = {}
         for n, i in enumerate(compute_idx):
-            action = program[i]
-            needs_recv = (action.kind is Kind.F and s > 0) or (action.kind is Kind.B and s < p - 1)
+            kind, mb, c = program[i]
+            g = c * p + s
+            needs_recv = (kind is Kind.F and g > 0) or (kind is Kind.B and g < last_stage)
             if not needs_recv:
                 continue
-            kind = Kind.RECV_F if action.kind is Kind.F else Kind.RECV_B
             where = compute_idx[n - 1] if n > 0 else 0
             # Post before any EV/LD/ST/RS that directly precede that compute action too.
             while where > 0 and not program[where - 1].kind.is_compute:
                 where -= 1
-            recv_before.setdefault(where, []).append(make((kind, action.mb)))
+            recv = Kind.RECV_F if kind is Kind.F else Kind.RECV_B
+            recv_before.setdefault(where, []).append(make((recv, mb, c)))
         result: Program = []
-        append, first, last = result.append, s == 0, s == p - 1
+        append = result.append
         for i, action in enumerate(program):
             if i in recv_before:
                 result += recv_before[i]
             append(action)
-            kind = action.kind
-            if kind is Kind.F and not last:
-                append(make((Kind.SEND_F, action.mb)))
-            elif kind is Kind.B and not first:
-                append(make((Kind.SEND_B, action.mb)))
+            kind, mb, c = action
+            g = c * p + s
+            if kind is Kind.F and g < last_stage:
+                append(make((Kind.SEND_F, mb, c)))
+            elif kind is Kind.B and g > 0:
+                append(make((Kind.SEND_B, mb, c)))
         out.append(result)
     return out
 

@@ -14,6 +14,11 @@ Actions and their text tokens (k is the micro-batch index):
     ST3  stash the partner's micro-batch 3 (acceptor receives it)
     RS3  return the stash to the partner (acceptor sends it back)
 
+Every action also names the model chunk it works on (`chunk`, 0 unless the schedule runs
+several chunks per rank, as the interleaved schedule does): rank s's chunk c is virtual stage
+c * p + s of p * V, and "previous" and "next" stage are the virtual stages either side (F3.1 is
+the forward of micro-batch 3 on the rank's chunk 1).
+
 Sends and receives are asynchronous: a receive is posted where it stands and waited on just
 before the action that needs its data; outgoing bulk transfers (EV, RS) release their memory
 when they are waited on, just before the stage's next allocating action (F, LD or ST).
@@ -25,7 +30,7 @@ import enum
 import functools
 import gc
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, ParamSpec, TypeVar
 
@@ -71,12 +76,13 @@ class Kind(enum.Enum):
 
     # Set below for every member: plain attributes, as they are asked once per action in every
     # pass over a program.
-    is_compute: bool  # F, B
+    is_compute: bool  # F, B, W
     allocates: bool  # F, LD, ST: outgoing bulk transfers (EV, RS) are waited on and freed before it
 
 
 class Peer(enum.Enum):
-    """Whom a transfer action exchanges with: the previous or next stage, or the BPipe partner."""
+    """Whom a transfer action exchanges with: the previous or next (virtual) stage, or the BPipe
+    partner."""
 
     PREV = -1
     NEXT = +1
@@ -99,7 +105,11 @@ class Semantics:
     The validator's structure rules: `once`, at most once per micro-batch on a stage (`exactly`:
     once each, compute); `after`, the action of the same micro-batch that must come earlier on
     the stage, and the rule broken otherwise; `posted`, the receive it needs posted earlier
-    where the stage has that peer, and what the receive is for."""
+    where the stage has that peer, and what the receive is for. `takes_over`: where a stage's
+    program holds this action for a micro-batch, the memory effect of that kind's action of the
+    micro-batch moves here (a weight-gradient step keeps what the input-gradient step would free),
+    and with it that share of the work. `cost`: for a compute action, the stage's cost it takes
+    (a `StageCosts` field: fwd, bwd, wgt; one whose share another takes over costs the rest)."""
 
     family: str | None = None
     peer: Peer | None = None
@@ -111,17 +121,21 @@ class Semantics:
     exactly: bool = False
     after: tuple[Kind, str] | None = None
     posted: tuple[Kind, str] | None = None
+    takes_over: Kind | None = None
+    cost: str | None = None
 
 
 FAMILIES = ("act", "grad", "evict", "load")  # a transfer family's index: the executor's message tag
 
 SEMANTICS: dict[Kind, Semantics] = {
     Kind.F: Semantics(
-        held=(1, 0), waits_for=(Kind.RECV_F,), once=True, exactly=True, posted=(Kind.RECV_F, "its input")
+        held=(1, 0), waits_for=(Kind.RECV_F,), once=True, exactly=True, posted=(Kind.RECV_F, "its input"),
+        cost="fwd",
     ),
     Kind.B: Semantics(
         held=(-1, 0), waits_for=(Kind.RECV_B, Kind.LOAD), once=True, exactly=True,
         after=(Kind.F, "a backward before its forward"), posted=(Kind.RECV_B, "its output gradient"),
+        cost="bwd",
     ),
     Kind.SEND_F: Semantics(
         "act", Peer.NEXT, sends=True, once=True, after=(Kind.F, "sends an activation before computing it")
@@ -155,15 +169,20 @@ def counterpart(kind: Kind) -> Kind:
     return next(k for k, r in SEMANTICS.items() if r.family == row.family and r.sends != row.sends)
 
 
-def peer_stage(kind: Kind, stage: int, num_stages: int, partner: int | None) -> int | None:
-    """The stage `kind` on `stage` exchanges with (None: there is none)."""
+def peer_of(
+    kind: Kind, stage: int, chunk: int, num_stages: int, virtual_stages: int, partner: int | None
+) -> tuple[int, int] | None:
+    """The (rank, chunk) that `kind` on rank `stage`'s chunk `chunk` exchanges with (None: there
+    is none): the virtual stage before or after c * p + s, or the BPipe partner's same chunk."""
     peer = SEMANTICS[kind].peer
     if peer is None:
         return None
     if peer is Peer.PARTNER:
-        return partner
-    other = stage + int(peer.value)
-    return other if 0 <= other < num_stages else None
+        return None if partner is None else (partner, chunk)
+    other = chunk * num_stages + stage + int(peer.value)
+    if not 0 <= other < num_stages * virtual_stages:
+        return None
+    return other % num_stages, other // num_stages
 
 
 for _kind in Kind:
@@ -171,35 +190,47 @@ for _kind in Kind:
     _kind.allocates = sum(SEMANTICS[_kind].held) > 0
 
 
+def taken_over(program: Sequence[Action]) -> set[Action]:
+    """The actions of `program` whose memory effect (and share of the work: a backward whose
+    weight gradient comes apart) a later action of the same micro-batch takes over."""
+    return {
+        Action(row.takes_over, a.mb, a.chunk)
+        for a in program
+        if (row := SEMANTICS[a.kind]).takes_over is not None
+    }
+
+
 _BY_TOKEN = {k.value: k for k in Kind}
 _TOKEN_OF = {k: k.value for k in Kind}
-_TOKEN = re.compile(r"^(SF|RF|SB|RB|EV|LD|ST|RS|F|B)(\d+)$")
+_TOKEN = re.compile(rf"^({'|'.join(sorted(_BY_TOKEN, key=len, reverse=True))})(\d+)(?:\.(\d+))?$")
 
 
 class Action(NamedTuple):
-    """One step of a stage's program: `kind` applied to micro-batch `mb` (a tuple: hashed and
-    compared in C)."""
+    """One step of a stage's program: `kind` applied to micro-batch `mb` on the rank's model
+    chunk `chunk` (a tuple: hashed and compared in C)."""
 
     kind: Kind
     mb: int
+    chunk: int = 0
 
     def __str__(self) -> str:
-        return _TOKEN_OF[self.kind] + str(self.mb)
+        token = _TOKEN_OF[self.kind] + str(self.mb)
+        return f"{token}.{self.chunk}" if self.chunk else token
 
     @classmethod
     def parse(cls, token: str) -> Action:
         match = _TOKEN.match(token.strip())
         if not match:
-            raise ValueError(f"not an action token: {token!r} (expected e.g. F3, B3, SF3, EV3)")
-        return cls(_BY_TOKEN[match.group(1)], int(match.group(2)))
+            raise ValueError(f"not an action token: {token!r} (expected e.g. F3, B3, SF3, EV3, F3.1)")
+        return cls(_BY_TOKEN[match.group(1)], int(match.group(2)), int(match.group(3) or 0))
 
 
-def F(mb: int) -> Action:  # noqa: N802 - the IR's own vocabulary
-    return Action(Kind.F, mb)
+def F(mb: int, chunk: int = 0) -> Action:  # noqa: N802 - the IR's own vocabulary
+    return Action(Kind.F, mb, chunk)
 
 
-def B(mb: int) -> Action:  # noqa: N802
-    return Action(Kind.B, mb)
+def B(mb: int, chunk: int = 0) -> Action:  # noqa: N802
+    return Action(Kind.B, mb, chunk)
 
 
 Program = list[Action]
@@ -211,7 +242,8 @@ class Schedule:
 
     `partner[s]` is the stage that stage s exchanges evicted activations with (BPipe), or None.
     `cap` is the per-stage limit on resident micro-batches (own activations + stashed ones),
-    or None where the schedule promises no limit.
+    or None where the schedule promises no limit. `virtual_stages` is how many model chunks each
+    rank runs (V: the model is cut into p * V stages; `programs` stays one per rank).
     """
 
     name: str
@@ -220,9 +252,18 @@ class Schedule:
     programs: tuple[tuple[Action, ...], ...]
     partner: tuple[int | None, ...]
     cap: int | None = None
+    virtual_stages: int = 1
 
     def program(self, stage: int) -> tuple[Action, ...]:
         return self.programs[stage]
+
+    def virtual_stage(self, stage: int, chunk: int) -> int:
+        """The model stage (of p * V) that rank `stage` runs as its chunk `chunk`."""
+        return chunk * self.num_stages + stage
+
+    def peer(self, kind: Kind, stage: int, chunk: int = 0) -> tuple[int, int] | None:
+        """The (rank, chunk) that `kind` on rank `stage`'s chunk exchanges with (see `peer_of`)."""
+        return peer_of(kind, stage, chunk, self.num_stages, self.virtual_stages, self.partner[stage])
 
     def evicted(self, stage: int) -> list[int]:
         """Micro-batches that `stage` evicts at least once, in order of first eviction."""

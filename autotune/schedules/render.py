@@ -50,6 +50,7 @@ def to_text(schedule: Schedule) -> str:
     head = (
         f"schedule {schedule.name} stages={schedule.num_stages} "
         f"microbatches={schedule.num_microbatches} cap={schedule.cap or '-'} partner={partner}"
+        + (f" chunks={schedule.virtual_stages}" if schedule.virtual_stages > 1 else "")
     )
     body = [f"stage {s}: " + " ".join(str(a) for a in prog) for s, prog in enumerate(schedule.programs)]
     return "\n".join([head, *body]) + "\n"
@@ -74,8 +75,9 @@ def from_text(text: str) -> Schedule:
     if len(programs) != p:
         raise ValueError(f"header says {p} stages but {len(programs)} stage lines follow")
     return Schedule(
-        name=name, num_stages=p, num_microbatches=m, programs=tuple(programs), partner=partner, cap=cap
-    )
+        name=name, num_stages=p, num_microbatches=m, programs=tuple(programs), partner=partner, cap=cap,
+        virtual_stages=int(fields.get("chunks", 1)),
+    )  # fmt: skip
 
 
 def to_csv(schedule: Schedule) -> str:

@@ -13,13 +13,11 @@ from collections import Counter
 
 from autotune.schedules.ir import (
     SEMANTICS,
-    TRANSFER_KINDS,
     Action,
     Kind,
     Peer,
     Schedule,
     counterpart,
-    peer_stage,
     without_gc,
 )
 from autotune.schedules.memory import release_points, resident_trace
@@ -53,7 +51,7 @@ def validate(schedule: Schedule) -> dict[int, int]:
     _replay(schedule)
     peaks = {}
     for stage, program in enumerate(schedule.programs):
-        trace = resident_trace(program, cap=schedule.cap)
+        trace = resident_trace(program, own=(1,) * schedule.virtual_stages, cap=schedule.cap)
         over = next(
             (i for i, held in enumerate(trace) if schedule.cap is not None and held > schedule.cap), None
         )
@@ -71,61 +69,63 @@ def validate(schedule: Schedule) -> dict[int, int]:
 
 def _check_structure(schedule: Schedule, stage: int, counts: list[Counter[Action]]) -> None:
     program = schedule.program(stage)
-    m = schedule.num_microbatches
+    m, chunks = schedule.num_microbatches, schedule.virtual_stages
     seen: set[Action] = set()
-    away: set[int] = set()
+    away: set[tuple[int, int]] = set()
     problem: str | None = None
     step = 0
     mine = counts[stage]
-    # per paired kind: the peer's counts and the kind it must hold (None: no peer, an error)
-    peers: dict[Kind, tuple[Counter[Action], Kind] | None] = {}
-    for paired in TRANSFER_KINDS:
-        at = peer_stage(paired, stage, schedule.num_stages, schedule.partner[stage])
-        peers[paired] = None if at is None else (counts[at], counterpart(paired))
     for step, action in enumerate(program):
-        kind, k = action
+        kind, k, c = action
         row = SEMANTICS[kind]
+        posted = row.posted
         if not 0 <= k < m:
             problem = f"micro-batch {k} is out of range 0..{m - 1}"
+        elif not 0 <= c < chunks:
+            problem = f"chunk {c} is out of range 0..{chunks - 1}"
         elif action in seen and row.once:
             problem = f"{action} appears twice"
-        elif row.after is not None and (row.after[0], k) not in seen:
+        elif row.after is not None and Action(row.after[0], k, c) not in seen:
             problem = row.after[1]
-        elif row.posted is not None and peers[row.posted[0]] is not None and (row.posted[0], k) not in seen:
+        elif (
+            posted is not None
+            and schedule.peer(posted[0], stage, c) is not None
+            and Action(posted[0], k, c) not in seen
+        ):
             what = "forward" if kind is Kind.F else "backward"
-            problem = f"{what} without a posted receive {row.posted[0].value}{k} for {row.posted[1]}"
-        elif row.held[0] < 0 and k in away:
+            problem = f"{what} without a posted receive {Action(posted[0], k, c)} for {posted[1]}"
+        elif row.held[0] < 0 and (k, c) in away:
             problem = f"backward of micro-batch {k} while its activations are evicted (no LD{k})"
         if problem is not None:
             raise ScheduleError(f"stage {stage}, step {step} ({action}): {problem}", schedule, stage, step)
         if row.outgoing[0] > 0:
-            away.add(k)
+            away.add((k, c))
         elif row.held[0] > 0 and row.family is not None:
-            away.discard(k)
-        if kind in peers and action not in seen:
-            theirs = peers[kind]
-            if theirs is None or theirs[0][Action(theirs[1], k)] != mine[action]:
-                _unmatched(schedule, stage, step, action, counts)
+            away.discard((k, c))
+        if row.family is not None and action not in seen:
+            _matched(schedule, stage, step, action, counts)
         seen.add(action)
     for kind in _EXACTLY:
-        for k in range(m):
-            if mine[Action(kind, k)] != 1:
-                last = len(program) - 1
-                raise ScheduleError(
-                    f"stage {stage}: {kind.value}{k} must appear exactly once, found {mine[Action(kind, k)]}",
-                    schedule,
-                    stage,
-                    max(last, 0),
-                )
+        for c in range(chunks):
+            for k in range(m):
+                if mine[Action(kind, k, c)] != 1:
+                    last = len(program) - 1
+                    raise ScheduleError(
+                        f"stage {stage}: {Action(kind, k, c)} must appear exactly once, "
+                        f"found {mine[Action(kind, k, c)]}",
+                        schedule,
+                        stage,
+                        max(last, 0),
+                    )
 
 
-def _unmatched(
+def _matched(
     schedule: Schedule, stage: int, step: int, action: Action, counts: list[Counter[Action]]
 ) -> None:
     """Raise if the send, receive, eviction, stash, load or return `action` (first seen at `step`)
     lacks its counterpart on the peer stage, as many times."""
     other_kind = counterpart(action.kind)
-    peer = peer_stage(action.kind, stage, schedule.num_stages, schedule.partner[stage])
+    peer = schedule.peer(action.kind, stage, action.chunk)
     if peer is None:
         partnered = SEMANTICS[action.kind].peer is Peer.PARTNER
         raise ScheduleError(
@@ -135,11 +135,12 @@ def _unmatched(
             stage,
             step,
         )
-    mine, theirs = counts[stage][action], counts[peer][Action(other_kind, action.mb)]
+    theirs_action = Action(other_kind, action.mb, peer[1])
+    mine, theirs = counts[stage][action], counts[peer[0]][theirs_action]
     if mine != theirs:
         raise ScheduleError(
             f"stage {stage}, step {step} ({action}): unmatched - {mine} on this stage but {theirs} "
-            f"{other_kind.value}{action.mb} on stage {peer}",
+            f"{theirs_action} on stage {peer[0]}",
             schedule,
             stage,
             step,
@@ -149,24 +150,25 @@ def _unmatched(
 def _replay(schedule: Schedule) -> None:
     """Run every program under the executor's blocking rules; raise on a deadlock."""
     p = schedule.num_stages
-    done: set[tuple[int, Kind, int]] = set()
+    done: set[tuple[int, Action]] = set()
     pc = [0] * p
     pending: list[list[Action]] = [[] for _ in range(p)]
     releases = [release_points(program, schedule.cap) for program in schedule.programs]
 
-    def blocked_on(s: int, action: Action) -> tuple[int, Kind, int] | None:
+    def blocked_on(s: int, action: Action) -> tuple[int, Action] | None:
         """The first thing `action` waits for that has not happened (None: it can run): a
         transfer is complete when the peer has done the other end. What it waits for is the
         IR's: at a release point the stage's outgoing transfers, then its `waits_for` actions
         posted earlier on the stage."""
-        kind, k = action
-        partner = schedule.partner[s]
-        waited: list[tuple[Kind, int]] = list(pending[s]) if releases[s][pc[s]] else []
-        waited += [(w, k) for w in SEMANTICS[kind].waits_for if (s, w, k) in done]
-        for w, mb in waited:
-            peer = peer_stage(w, s, p, partner)
-            if peer is not None and (peer, counterpart(w), mb) not in done:
-                return (peer, counterpart(w), mb)
+        kind, k, c = action
+        waited: list[Action] = list(pending[s]) if releases[s][pc[s]] else []
+        waited += [w for w in (Action(kind, k, c) for kind in SEMANTICS[kind].waits_for) if (s, w) in done]
+        for w in waited:
+            peer = schedule.peer(w.kind, s, w.chunk)
+            if peer is not None:
+                other = (peer[0], Action(counterpart(w.kind), w.mb, peer[1]))
+                if other not in done:
+                    return other
         return None
 
     progressed = True
@@ -181,10 +183,9 @@ def _replay(schedule: Schedule) -> None:
                     break
                 if release[i]:
                     out.clear()
-                kind = action.kind
-                if SEMANTICS[kind].outgoing != (0, 0):
+                if SEMANTICS[action.kind].outgoing != (0, 0):
                     out.append(action)
-                done.add((s, kind, action.mb))
+                done.add((s, action))
                 i += 1
                 pc[s] = i
                 progressed = True
@@ -195,5 +196,5 @@ def _replay(schedule: Schedule) -> None:
             action = schedule.program(t)[pc[t]]
             need = blocked_on(t, action)
             assert need is not None
-            waits.append(f"stage {t} at {action} waits for {need[1].value}{need[2]} on stage {need[0]}")
+            waits.append(f"stage {t} at {action} waits for {need[1]} on stage {need[0]}")
         raise ScheduleError("deadlock: " + "; ".join(waits), schedule, stuck[0], pc[stuck[0]])

@@ -226,7 +226,11 @@ def test_bpipe_cap_below_pair_balance_is_rejected() -> None:
         ({"model_name": "tiny-llama", "tp": 4}, "--tp", r"must divide --num-kv-heads: 2 heads"),
         ({"schedule": "1f1b", "pp": 4, "num_microbatches": 2}, "--num-microbatches", r"\(2 < --pp 4\)"),
         ({"schedule": "bpipe", "pp": 4, "num_microbatches": 3}, "--num-microbatches", "bpipe needs"),
-        ({"schedule": "zigzag"}, "--schedule", "must be one of 1f1b, gpipe, bpipe, got 'zigzag'"),
+        (
+            {"schedule": "zigzag"},
+            "--schedule",
+            "must be one of 1f1b, gpipe, interleaved, bpipe, got 'zigzag'",
+        ),
         ({"recompute": "some"}, "--recompute", "must be one of none, selective, full"),
         ({"device": "tpu"}, "--device", "must be one of cpu, cuda"),
         ({"micro_batch_size": -1}, "--micro-batch-size", "positive integer, got -1"),

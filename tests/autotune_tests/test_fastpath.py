@@ -92,11 +92,7 @@ def test_compiled_loop_equals_plain_python_and_long_schedules() -> None:
     ]  # fmt: skip
     arrays = StageArrays.from_costs(rows)
     compiled = fastpath.compile_schedule(schedule)
-    args = (
-        arrays.fwd, arrays.bwd, arrays.send_act, arrays.evict, arrays.post, compiled.stage, compiled.kind,
-        compiled.slot, compiled.wait_ptr, compiled.wait_slots, compiled.src, compiled.dst, compiled.link,
-        compiled.duration_kind, compiled.duration_stage, compiled.num_links,
-    )  # fmt: skip
+    args = fastpath.kernel_args(compiled, arrays)
     np.testing.assert_array_equal(fastpath._kernel(*args), fastpath._replay(*args))
     steps, _ = step_times(schedule, arrays)
     for row, step in zip(rows, steps, strict=True):

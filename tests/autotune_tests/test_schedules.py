@@ -437,7 +437,8 @@ def test_action_token_round_trip(kind: Kind, mb: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "token", ["", "F", "3", "3F", "X3", "F-1", "f3", "F3 B3", "F 3", "SF", "EV3x", "F1.5", "RX2", "FF3"]
+    "token",
+    ["", "F", "3", "3F", "X3", "F-1", "f3", "F3 B3", "F 3", "SF", "EV3x", "F1.", "F1.x", "F.1", "RX2", "FF3"],
 )
 def test_action_parse_rejects_bad_tokens(token: str) -> None:
     with pytest.raises(ValueError, match="not an action token"):
@@ -509,19 +510,26 @@ def test_the_schedule_registry_is_what_every_rule_reads(monkeypatch: pytest.Monk
     from autotune.schedules.generators import default_cap
 
     assert knobs.KNOB["schedule"].choices == registry.SCHEDULES == tuple(registry.SCHEDULE)
-    assert BASELINES == tuple(n for n, s in registry.SCHEDULE.items() if s.baseline) == ("1f1b", "gpipe")
-    model = load_model("tiny-gpt")
+    assert (
+        BASELINES
+        == tuple(n for n, s in registry.SCHEDULE.items() if s.baseline)
+        == ("1f1b", "gpipe", "interleaved")
+    )
+    model = load_model("tiny-gpt", num_layers=8)
     for name, spec in registry.SCHEDULE.items():
-        pp = 4
+        pp, v = 4, 2 if spec.virtual else 1
         least = spec.min_microbatches(pp)
-        cfg = TrialConfig(model=model, pp=pp, num_microbatches=least, schedule=name)
+        cfg = TrialConfig(model=model, pp=pp, num_microbatches=least, schedule=name, virtual_stages=v)
         assert cfg.bpipe_cap == spec.default_cap(pp) == (default_cap(pp) if spec.capped else 0)
         assert layout_of(cfg).folded is spec.folded
-        validate(generate(name, pp, least, cap=cfg.bpipe_cap or None))
+        validate(generate(name, pp, least, cap=cfg.bpipe_cap or None, virtual_stages=v))
         if least > 1:
             with pytest.raises(ConfigError) as err:
-                TrialConfig(model=model, pp=pp, num_microbatches=least - 1, schedule=name)
+                TrialConfig(model=model, pp=pp, num_microbatches=least - 1, schedule=name, virtual_stages=v)
             assert err.value.field == "--num-microbatches" and name in err.value.rule
+        with pytest.raises(ConfigError) as err:  # chunks per rank: only where the row takes them
+            TrialConfig(model=model, pp=pp, num_microbatches=least, schedule=name, virtual_stages=3 - v)
+        assert err.value.field == "--virtual-stages"
     # the placement asks the row, not the name
     folded_gpipe = dataclasses.replace(registry.SCHEDULE["gpipe"], folded=True)
     monkeypatch.setitem(registry.SCHEDULE, "gpipe", folded_gpipe)

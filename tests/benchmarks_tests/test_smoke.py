@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("module", "args", "expect"),
     [
         ("benchmarks.bench_vs_torch", ["--quick"], "ours/torch median step time"),
+        ("benchmarks.bench_vs_torch", ["--quick", "--schedule", "interleaved"], "|diff| 0.00e+00: same"),
         ("benchmarks.bench_bpipe", ["--quick"], "stage-0 peak activations"),
         ("benchmarks.bench_screening", ["--quick", "--limit", "12"], "configurations/s"),
         ("benchmarks.bench_search", ["--quick"], "tuner median <= 25% of the space's configurations"),

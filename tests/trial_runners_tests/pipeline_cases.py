@@ -30,6 +30,7 @@ class Case:
     stage_layers: tuple[int, ...] = ()
     sp: bool = False
     dtype: str = ""
+    v: int = 1  # model chunks per rank (interleaved)
 
     def config(self) -> TrialConfig:
         return TrialConfig(
@@ -44,6 +45,7 @@ class Case:
             stage_layers=self.stage_layers,
             sequence_parallel=self.sp,
             dtype=self.dtype,
+            virtual_stages=self.v,
         )
 
     @property
@@ -53,6 +55,7 @@ class Case:
     def __str__(self) -> str:
         extra = f"-tp{self.tp}" * (self.tp > 1) + "-sp" * self.sp + f"-dp{self.dp}" * (self.dp > 1)
         extra += f"-{self.dtype}" if self.dtype else ""
+        extra += f"-v{self.v}" if self.v > 1 else ""
         layers = f"-L{self.num_layers}" if self.num_layers else ""
         layers += f"-split{'.'.join(map(str, self.stage_layers))}" if self.stage_layers else ""
         return (
@@ -83,7 +86,21 @@ def matrix_cases() -> list[Case]:
         Case("tiny-llama", 2, 4, "1f1b", dp=2),
         Case("tiny-gpt", 4, 5, "bpipe", "full", False, dp=2),
     ]
+    cases += interleaved_cases()
     return cases
+
+
+def interleaved_cases() -> list[Case]:
+    """Interleaved 1F1B: V = 2 and 3, pp 2-4, m = p (all warm-up) and 2p, both families."""
+    return [
+        Case("tiny-gpt", 2, 4, "interleaved", v=2),
+        Case("tiny-llama", 2, 2, "interleaved", "full", False, v=2),
+        Case("tiny-llama", 2, 6, "interleaved", "selective", v=3, num_layers=6),
+        Case("tiny-gpt", 3, 6, "interleaved", "none", False, v=2, num_layers=6),
+        Case("tiny-gpt", 4, 8, "interleaved", v=2, num_layers=8),
+        Case("tiny-llama", 4, 4, "interleaved", "full", v=2, num_layers=8),
+        Case("tiny-gpt", 2, 4, "interleaved", tp=2, v=2),
+    ]
 
 
 def memory_cases() -> list[Case]:

@@ -21,10 +21,13 @@ def _all_runs(matrix_runs: dict[Case, RunResult], memory_runs: dict[Case, RunRes
 
 
 def test_peaks_follow_the_schedule_exactly(matrix_runs, memory_runs) -> None:
-    """1F1B: min(p-s, m) micro-batches; GPipe: m; BPipe: what its program holds, stash included."""
+    """1F1B: min(p-s, m) micro-batches; GPipe: m; BPipe and ZB-H1: what its program holds (stash
+    included; ZB-H1's until each weight gradient)."""
     for result in _all_runs(matrix_runs, memory_runs):
         case = result.case
         p, m = case.pp, case.m
+        if case.v > 1:
+            continue  # chunks of a rank differ in size: the estimator's test below predicts them
         schedule = generate(case.schedule, p, m)
         for s in range(p):
             rank = _stage(result, s)
@@ -39,7 +42,10 @@ def test_peaks_follow_the_schedule_exactly(matrix_runs, memory_runs) -> None:
                 partner_bytes = _stage(result, partner)["microbatch_bytes"] if partner is not None else 0
                 program, cap = schedule.program(s), schedule.cap
                 expected = peak_resident(program, own=own, partner=partner_bytes, cap=cap)
-                assert peak_resident(program, cap=cap) <= default_cap(p), f"{case} stage {s} above the cap"
+                if cap is not None:
+                    assert peak_resident(program, cap=cap) <= default_cap(p), (
+                        f"{case} stage {s} above the cap"
+                    )
             assert rank["peak_activation_bytes"] == expected, f"{case} stage {s}"
 
 

@@ -273,7 +273,7 @@ def test_the_executor_times_each_action_by_kind_where_asked() -> None:
     schedule = generate("1f1b", 1, 3)
     times: dict[Kind, list[float]] = {}
     executor = StageExecutor(
-        module, schedule.program(0), cap=schedule.cap, first=True, last=True,
+        module, schedule.program(0), cap=schedule.cap, stages=(0,), num_model_stages=1,
         links=StageLinks(prev=None, next=None, partner=None), activation_shape=_POST_SHAPE,
         dtype=torch.float32, device=torch.device("cpu"), tracker=ActivationTracker.for_module(module),
         loss_scale=1 / 3, action_times=times,
