@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining._backward import stage_backward_input
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from autotune.schedules.ir import FAMILIES, SEMANTICS, Action, Kind, taken_over
 from autotune.schedules.memory import release_points
@@ -250,6 +250,16 @@ class StageExecutor:
         x.grad = dx[0]
         st.weights[key] = (out, grad, groups)
 
+    def _weight(self, st: _StepState, action: Action, batch: Callable) -> None:
+        """W: the weight gradients its B left (`stage_backward_weight`); the graph is freed."""
+        out, grad, groups = st.weights.pop((action.mb, action.chunk))
+        if groups is None:
+            torch.autograd.backward(out, grad)
+        else:
+            stage_backward_weight(self.chunks[action.chunk].parameters(), groups)
+        del out, grad, groups
+        self.tracker.release((action.mb, action.chunk))
+
     # -- pipeline transfers --------------------------------------------------------------------
     def _recv_f(self, st: _StepState, action: Action, batch: Callable) -> None:
         buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
@@ -320,6 +330,7 @@ class StageExecutor:
     _HANDLERS: dict[Kind, Callable] = {
         Kind.F: _forward,
         Kind.B: _backward,
+        Kind.W: _weight,
         Kind.RECV_F: _recv_f,
         Kind.SEND_F: _send_f,
         Kind.RECV_B: _recv_b,

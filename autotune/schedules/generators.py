@@ -32,6 +32,28 @@ def one_f_one_b_order(p: int, m: int, stage: int) -> Program:
     return order
 
 
+def zb_h1_order(p: int, m: int, stage: int) -> Program:
+    """Zero-bubble ZB-H1 (Qi et al., ICLR 2024): 1F1B's order with each backward split into the
+    input gradient B, which the previous stage waits for, and the weight gradient W, which no
+    one waits for. Stage s holds back up to s weight gradients in the steady state and runs them
+    in its cool-down, in the waits 1F1B leaves there: a stage holds at most p micro-batches, as
+    1F1B's first stage does, and the bubble shrinks to about a third of 1F1B's."""
+    warmup = min(p - stage - 1, m)
+    order: Program = [F(k) for k in range(warmup)]
+    held: collections.deque[int] = collections.deque()  # backwards whose W is still to run
+    for k in range(m - warmup):
+        order += [F(warmup + k), B(k)]
+        held.append(k)
+        if len(held) > stage:
+            order.append(Action(Kind.W, held.popleft()))
+    for k in range(m - warmup, m):
+        order.append(B(k))
+        held.append(k)
+        order.append(Action(Kind.W, held.popleft()))
+    order += [Action(Kind.W, k) for k in held]
+    return order
+
+
 def interleaved_order(p: int, m: int, stage: int, virtual_stages: int) -> Program:
     """Megatron-LM's interleaved 1F1B (`forward_backward_pipelining_with_interleaving`): the
     rank runs V model chunks; its i-th forward is chunk (i mod pV) // p of micro-batch

@@ -7,6 +7,7 @@ Python: no torch, no ray.
 Actions and their text tokens (k is the micro-batch index):
 
     F3   forward of micro-batch 3            B3   backward of micro-batch 3
+    W3   its weight gradients (then B3 computes only the input gradient; zero-bubble schedules)
     SF3  send its activation to stage s+1    RF3  receive the activation from stage s-1
     SB3  send its input gradient to s-1      RB3  receive the output gradient from s+1
     EV3  evict micro-batch 3's saved activations to the paired stage (BPipe evictor)
@@ -61,6 +62,7 @@ def without_gc(function: Callable[P, R]) -> Callable[P, R]:
 class Kind(enum.Enum):
     F = "F"
     B = "B"
+    W = "W"
     SEND_F = "SF"
     RECV_F = "RF"
     SEND_B = "SB"
@@ -136,6 +138,10 @@ SEMANTICS: dict[Kind, Semantics] = {
         held=(-1, 0), waits_for=(Kind.RECV_B, Kind.LOAD), once=True, exactly=True,
         after=(Kind.F, "a backward before its forward"), posted=(Kind.RECV_B, "its output gradient"),
         cost="bwd",
+    ),
+    Kind.W: Semantics(
+        once=True, after=(Kind.B, "a weight gradient before its input gradient"), takes_over=Kind.B,
+        cost="wgt",
     ),
     Kind.SEND_F: Semantics(
         "act", Peer.NEXT, sends=True, once=True, after=(Kind.F, "sends an activation before computing it")

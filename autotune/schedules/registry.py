@@ -22,6 +22,7 @@ from autotune.schedules.generators import (
     insert_communication,
     interleaved_order,
     one_f_one_b_order,
+    zb_h1_order,
 )
 from autotune.schedules.ir import Program, Schedule, without_gc
 
@@ -97,6 +98,12 @@ SCHEDULE: dict[str, ScheduleSpec] = {
             "interleaved", interleaved_order,
             "1F1B over V model chunks per rank, a smaller bubble for V times the transfers (Megatron)",
             min_microbatches=_one_per_stage, per_stage_groups=True, virtual=True,
+        ),
+        ScheduleSpec(
+            "zb-h1", zb_h1_order,
+            "1F1B with each backward split into input and weight gradients, the weight ones filling "
+            "the bubble (Qi et al., zero bubble)",
+            min_microbatches=_one_per_stage, splits_backward=True,
         ),
         ScheduleSpec(
             "bpipe", one_f_one_b_order,

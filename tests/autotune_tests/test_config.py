@@ -229,7 +229,7 @@ def test_bpipe_cap_below_pair_balance_is_rejected() -> None:
         (
             {"schedule": "zigzag"},
             "--schedule",
-            "must be one of 1f1b, gpipe, interleaved, bpipe, got 'zigzag'",
+            "must be one of 1f1b, gpipe, interleaved, zb-h1, bpipe, got 'zigzag'",
         ),
         ({"recompute": "some"}, "--recompute", "must be one of none, selective, full"),
         ({"device": "tpu"}, "--device", "must be one of cpu, cuda"),

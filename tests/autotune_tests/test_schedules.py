@@ -513,7 +513,7 @@ def test_the_schedule_registry_is_what_every_rule_reads(monkeypatch: pytest.Monk
     assert (
         BASELINES
         == tuple(n for n, s in registry.SCHEDULE.items() if s.baseline)
-        == ("1f1b", "gpipe", "interleaved")
+        == ("1f1b", "gpipe", "interleaved", "zb-h1")
     )
     model = load_model("tiny-gpt", num_layers=8)
     for name, spec in registry.SCHEDULE.items():

@@ -86,8 +86,21 @@ def matrix_cases() -> list[Case]:
         Case("tiny-llama", 2, 4, "1f1b", dp=2),
         Case("tiny-gpt", 4, 5, "bpipe", "full", False, dp=2),
     ]
-    cases += interleaved_cases()
+    cases += interleaved_cases() + zero_bubble_cases()
     return cases
+
+
+def zero_bubble_cases() -> list[Case]:
+    """ZB-H1 (backwards split into input and weight gradients): pp 1-4, m = p and more, both
+    families, flash on and off, a tp=2 layout (recomputation cannot split: refused)."""
+    return [
+        Case("tiny-gpt", 1, 2, "zb-h1"),
+        Case("tiny-gpt", 2, 4, "zb-h1"),
+        Case("tiny-llama", 2, 5, "zb-h1", flash=False),
+        Case("tiny-llama", 3, 3, "zb-h1", num_layers=6),
+        Case("tiny-gpt", 4, 9, "zb-h1"),
+        Case("tiny-gpt", 2, 4, "zb-h1", tp=2),
+    ]
 
 
 def interleaved_cases() -> list[Case]:
