@@ -255,6 +255,20 @@ def check_schedule(
 
 
 _LAYOUT_KNOBS = ("tp", "pp", "dp", "micro_batch_size")
+# Knobs that are no-ops where a degree is 1, and so the same run as without them: sequence
+# parallelism at tp 1 (nothing to split over); the overlapped all-reduce and the distributed
+# optimizer at dp 1 (no all-reduce to overlap; one shard is the whole state).
+_NO_OPS = {"sequence_parallel": "tp", "overlap_grad_reduce": "dp", "distributed_optimizer": "dp"}
+
+
+def without_no_ops(knobs: dict[str, Any]) -> dict[str, Any]:
+    """`knobs` with the no-op knobs of their layout at their defaults (False): what
+    `TrialConfig` normalises a configuration to, and a campaign its sampler's proposals to."""
+    out = dict(knobs)
+    for name, degree in _NO_OPS.items():
+        if out.get(degree, 1) == 1 and name in out:
+            out[name] = False
+    return out
 
 
 @dataclass(frozen=True)
@@ -362,12 +376,8 @@ class TrialConfig:
                 f"vocabulary ({m.vocab_size} % {self.tp} = {m.vocab_size % self.tp}); pad it to a "
                 f"multiple of 128 x tp as Megatron does",
             )
-        if self.overlap_grad_reduce and self.dp == 1:
-            object.__setattr__(self, "overlap_grad_reduce", False)  # no gradient all-reduce to overlap
-        if self.distributed_optimizer and self.dp == 1:
-            object.__setattr__(self, "distributed_optimizer", False)  # one shard: the whole state
-        if self.sequence_parallel and self.tp == 1:
-            object.__setattr__(self, "sequence_parallel", False)  # nothing to split over: the same run
+        for name, value in without_no_ops({k: getattr(self, k) for k in ("tp", "dp", *_NO_OPS)}).items():
+            object.__setattr__(self, name, value)
         if self.sequence_parallel and m.seq_len % self.tp:
             raise ConfigError(
                 "--sequence-parallel",

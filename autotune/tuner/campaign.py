@@ -17,12 +17,13 @@ from typing import Any, Protocol
 
 import optuna
 
-from autotune.config import BASELINES, TrialConfig, describe_later_knobs
+from autotune.config import BASELINES, TrialConfig, describe_later_knobs, without_no_ops
 from autotune.results import TrialResult
 from autotune.timeline import kept
 from autotune.tuner.calibration import Calibration, KnobCorrection
 from autotune.tuner.screen import Candidate, Screening, knob_key, objective_of
-from autotune.tuner.study import abandon, open_study, params_of, skip, stale_numbers, tell
+from autotune.tuner.space import AUTO
+from autotune.tuner.study import abandon, open_study, params_of, proposal, skip, stale_numbers, tell
 from storage import FinishedTrialError, Store, TrialRecord, config_hash
 
 MAX_IDLE_PROPOSALS = 25  # proposals without a new configuration before the tuner picks one itself
@@ -76,6 +77,9 @@ class Campaign:
         self.candidates = screening.by_knobs()
         self.ranked = [c.knobs for c in screening.fitting]
         self.unfit = {c.knobs for c in screening.too_big}
+        if knobs.get("dp") == (AUTO,):  # the study searches the degrees `dp: auto` resolves to
+            every = [*screening.fitting, *screening.too_big]
+            knobs = {**knobs, "dp": tuple(sorted({c.config.dp for c in every})) or (1,)}
         self.knobs, self.objective = knobs, objective
         self.steps, self.trial_timeout, self.seed_top = steps, trial_timeout, seed_top
         self.limits, self.rerun, self.seed, self.echo = limits, rerun, seed, echo
@@ -101,7 +105,9 @@ class Campaign:
         for number in stale_numbers(study):
             abandon(study, number)
         for rec in interrupted:
-            study.enqueue_trial(params_of(knob_key(rec.config)), user_attrs={"requeued": rec.id})
+            study.enqueue_trial(
+                proposal(knob_key(rec.config), self.distributions), user_attrs={"requeued": rec.id}
+            )
         if interrupted:
             self.echo(f"resume: {len(interrupted)} interrupted trial(s) marked failed and queued again")
         own = [t for t in self.store.trials(study=self.name) if t.finished and t.error != "interrupted"]
@@ -119,7 +125,9 @@ class Campaign:
         if not study.trials:
             seeds = [k for k in self.ranked if k not in self.known][: self.seed_top]
             for key in seeds:
-                study.enqueue_trial(params_of(key), user_attrs={"seeded": "top prediction"})
+                study.enqueue_trial(
+                    proposal(key, self.distributions), user_attrs={"seeded": "top prediction"}
+                )
         return study
 
     # -- the loop -------------------------------------------------------------------------
@@ -189,16 +197,18 @@ class Campaign:
         if self.turns % 2 == 1:
             for _ in range(MAX_IDLE_PROPOSALS):
                 trial = study.ask(self.distributions)
-                key = knob_key(trial.params)
+                key = knob_key(without_no_ops(trial.params))  # e.g. sequence parallel at tp 1: tp 1
                 if not self._answer(study, trial, key):
                     return self.candidates[key], trial
         for _ in range(len(self.ranked) + MAX_IDLE_PROPOSALS):  # queued trials come out first
             pick = self._best_unmeasured()
             if pick is None:
                 break
-            study.enqueue_trial(params_of(pick), user_attrs={"seeded": "corrected estimator"})
+            study.enqueue_trial(
+                proposal(pick, self.distributions), user_attrs={"seeded": "corrected estimator"}
+            )
             trial = study.ask(self.distributions)
-            key = knob_key(trial.params)
+            key = knob_key(without_no_ops(trial.params))
             if not self._answer(study, trial, key):
                 return self.candidates[key], trial
         self.exhausted = True
@@ -285,7 +295,7 @@ class Campaign:
 
     def _queue(self, study: optuna.Study, key: tuple[Any, ...], why: str) -> None:
         self.queued.add(key)
-        study.enqueue_trial(params_of(key), user_attrs={"seeded": why})
+        study.enqueue_trial(proposal(key, self.distributions), user_attrs={"seeded": why})
         self.echo(f"queued {describe(self.candidates[key].config.to_dict())}: {why}")
 
     def _open_keys(self) -> set[tuple[Any, ...]]:

@@ -46,6 +46,21 @@ def params_of(key: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(KNOB_FIELDS, key, strict=True))
 
 
+def proposal(key: tuple[Any, ...], distributions: dict[str, BaseDistribution]) -> dict[str, Any]:
+    """The study's parameters for the configuration `key`, to enqueue: the knobs the study
+    searches, each one of its choices. A no-op knob normalised to its default where the space
+    lists only other values (sequence parallelism at tp 1 in a space of `sequence_parallel:
+    true`) takes the space's first choice, which names the same configuration."""
+    out: dict[str, Any] = {}
+    for name, value in params_of(key).items():
+        dist = distributions.get(name)
+        if dist is None:
+            continue
+        choices = dist.choices  # type: ignore[attr-defined]
+        out[name] = value if value in choices else choices[0]
+    return out
+
+
 def tell(study: optuna.Study, trial: optuna.Trial, value: float | None, **attrs: Any) -> None:
     """Finish an Optuna trial: feasible with `value`, or infeasible where `value` is None."""
     trial.set_constraint(_CONSTRAINT, FEASIBLE if value is not None else INFEASIBLE)

@@ -263,3 +263,34 @@ def test_a_campaign_measures_each_trials_counterpart_and_ends_with_the_verdict(t
     assert [first.config[k] for k in ("tp", "pp", "dp")] == [second.config[k] for k in ("tp", "pp", "dp")]
     verdict = [line for line in out.splitlines() if line.startswith("BPipe verdict:")]
     assert verdict and "autotune advise --study paired" in verdict[0], out
+
+
+AUTO_DP = """\
+name: auto-dp
+model: tiny-gpt
+cluster: cpu-local
+global_batch_size: 4
+max_world_size: 2
+knobs:
+  tp: [1, 2]
+  dp: auto
+  sequence_parallel: [false, true]
+trial: {steps: 1, timeout: 120}
+search: {seed_top: 1, concurrency: 1}
+"""
+
+
+def test_a_campaign_searches_dp_auto_and_a_later_knob(tmp_path: Path) -> None:
+    """`dp: auto` (the study searches the degrees it resolves to) and `sequence_parallel`, a knob
+    added later and a no-op at tp 1: the campaign runs each of the three distinct configurations
+    (tp 1 dp 2; tp 2 dp 1 with and without sequence parallelism) for real, once each."""
+    path = tmp_path / "auto.yaml"
+    path.write_text(AUTO_DP)
+    url = f"sqlite:///{tmp_path / 'auto.db'}"
+    out = _finish(_start(str(path), url, "--trials", "3"))
+    assert "best:" in out, out
+    done = _done(_trials(url, "auto-dp"))
+    assert all(t.status == "ok" for t in done), [(t.config, t.error) for t in done]
+    assert sorted((t.config["tp"], t.config["dp"], t.config["sequence_parallel"]) for t in done) == [
+        (1, 2, False), (2, 1, False), (2, 1, True),
+    ]  # fmt: skip

@@ -103,3 +103,29 @@ def test_a_knob_for_estimates_only_is_refused_by_trials_with_one_line() -> None:
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert est.returncode == 0, est.stderr
     assert json.loads(est.stdout)["config"]["grad_accumulation_fusion"] is True
+
+
+def test_a_no_op_knob_in_a_proposal_names_the_configuration_without_it(tmp_path: Path) -> None:
+    """A space of `sequence_parallel: true` over tp 1 and 2: at tp 1 the knob is a no-op, so the
+    screened configuration has it off; the study (a real Optuna study on SQLite) is seeded with
+    a choice it has, and the proposal it gives back names that same configuration."""
+    from autotune.config import without_no_ops
+    from autotune.tuner.study import proposal
+
+    space = space_from_dict(
+        {"model": "tiny-gpt", "global_batch_size": 4, "knobs": {"tp": [1, 2], "sequence_parallel": True}},
+        "s.yaml",
+    )
+    valid, _ = space.configs()
+    keys = {knob_key(c.to_dict()) for c in valid}
+    assert sorted((c.tp, c.sequence_parallel) for c in valid) == [(1, False), (2, True)]
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    Store(url).close()
+    study, dists = open_study(url, "s", space.knobs, seed=0)
+    for key in sorted(keys):
+        params = proposal(key, dists)
+        assert params["sequence_parallel"] is True  # the space's only choice
+        study.enqueue_trial(params)
+        trial = study.ask(dists)
+        assert knob_key(without_no_ops(trial.params)) == key
+        study.tell(trial, 1.0)
