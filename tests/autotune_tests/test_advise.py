@@ -339,3 +339,30 @@ def test_a_gpu_space_screened_on_this_cpu_is_advised_from_predictions(tmp_path: 
     assert data["paper"]["predicted_speedup"] > 0 and data["measure_next"]["configs"]
     with Store(url, read_only=True) as store:
         assert store.trials() == [] and len(store.predictions("llama-65b-h100")) > 0
+
+
+def test_bpipe_is_judged_against_the_best_of_every_baseline_the_new_ones_included(tmp_path: Path) -> None:
+    """A space holding 1F1B, GPipe, interleaved 1F1B, ZB-H1 and BPipe: the advice's baseline is
+    the fastest predicted of all the non-BPipe schedules, here one of the new ones."""
+    from autotune.config import BASELINES
+
+    space = tmp_path / "every-baseline.yaml"
+    space.write_text(
+        "name: every-baseline\nmodel: gpt3-175b\ncluster: a100-80g-8x8\nglobal_batch_size: 64\n"
+        "knobs:\n  tp: [8]\n  pp: [8]\n  micro_batch_size: [1, 2]\n"
+        "  schedule: [1f1b, gpipe, interleaved, zb-h1, bpipe]\n  recompute: [none, full]\n"
+        "  virtual_stages: [1, 2, 4]\n"
+    )
+    advice = bpipe_payoff(storage=f"sqlite:///{tmp_path / 'none.db'}", space=str(space))
+    assert {"interleaved", "zb-h1"} <= set(BASELINES)
+    base = advice.best_baseline
+    assert base.config["schedule"] in ("interleaved", "zb-h1"), base.config
+    assert advice.best_bpipe.config["schedule"] == "bpipe"
+    # the fastest predicted non-BPipe configuration that fits, whatever its schedule
+    from autotune.estimate.estimator import estimate_many
+    from autotune.tuner.space import load_space
+
+    valid, _ = load_space(str(space)).configs()
+    fits = [r for r in estimate_many(valid, load_cluster("a100-80g-8x8")) if r["fits"]]
+    fastest = max((r for r in fits if r["config"]["schedule"] != "bpipe"), key=lambda r: r["tokens_per_s"])
+    assert base.config == fastest["config"]

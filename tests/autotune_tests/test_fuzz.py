@@ -67,7 +67,8 @@ def choice(name: str) -> st.SearchStrategy[Any]:
     good = {
         "tp": st.sampled_from([1, 2, 4]), "pp": st.sampled_from([1, 2, 3, 4]), "dp": st.sampled_from([1, 2]),
         "micro_batch_size": st.sampled_from([1, 2, 4]),
-        "schedule": st.sampled_from(["1f1b", "gpipe", "bpipe"]),
+        "schedule": st.sampled_from(["1f1b", "gpipe", "bpipe", "interleaved", "zb-h1"]),
+        "virtual_stages": st.sampled_from([1, 2, 3]),
         "recompute": st.sampled_from(["none", "selective", "full"]), "flash_attention": st.booleans(),
         "distributed_optimizer": st.booleans(), "overlap_grad_reduce": st.booleans(),
         "sequence_parallel": st.booleans(),
