@@ -215,7 +215,7 @@ class _Replay:
             label = (
                 f"{family} {mb}"
                 if self.schedule.virtual_stages == 1
-                else f"{family} {mb}.{src_stage // len(self.transfer_end)}"
+                else f"{family} {mb}.{src_stage // self.schedule.num_stages}"
             )
             self.spans.append(Span(src, label, start, transfer.end, "transfer", dst))
         for stage in transfer.waiters:
@@ -244,7 +244,7 @@ class _Replay:
             if self.record:
                 self.spans.append(Span(stage, f"wait {action}", now, ready, "wait"))
             return
-        cost = self.costs[action.chunk * len(self.transfer_end) + stage]
+        cost = self.costs[self.schedule.virtual_stage(stage, action.chunk)]
         if action.kind.is_compute:
             duration = compute_time(cost, action, self.split[stage])
             self.busy[stage] += duration
